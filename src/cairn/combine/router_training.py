@@ -1,0 +1,132 @@
+"""Router training for MoE mixtures: only the routers learn; experts and base stay frozen.
+
+The seed paper (Lee & Wynter 2024) notes that the routers of a mixture can be trained on a small
+router dataset that need not be any expert's training data; moetify (Lee et al. 2024, arXiv
+2408.17280) and mergekit-moe ship no router training. This module gives the one training loop what
+it needs for both kinds of mixture:
+
+- :func:`freeze_all_but_routers` / :func:`router_parameters` select the trainable parameters.
+- Extra-loss parts (objects with ``extra_loss(model, batch, outputs) -> dict[str, Tensor]``):
+  :class:`MixtralAuxLoss` for FFT mixtures (Mixtral's own auxiliary load-balancing loss,
+  ``outputs.aux_loss``), :class:`LoRAMoEAuxLoss` for LoRA mixtures (the same Switch-Transformer
+  loss, Fedus et al. 2021, arXiv 2101.03961, on the routers' recorded probabilities).
+
+Deviation noted: transformers' Mixtral pools all layers' tokens before forming the Switch loss; the
+LoRA version here forms it per routed module and averages over modules (the Switch paper's per-layer
+form), because LoRA modules of one layer see different inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from cairn.combine.moe_lora import LoRAMoELinear, lora_moe_layers
+from cairn.errors import CairnError
+
+
+def _is_router_module(module: nn.Module) -> bool:
+    # transformers >= 5 Mixtral-style routers are *TopKRouter modules owning `weight`.
+    return type(module).__name__.endswith("TopKRouter") and isinstance(getattr(module, "weight", None), nn.Parameter)
+
+
+def router_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The router weights of an FFT (Mixtral) or LoRA mixture, in model order."""
+    params: list[nn.Parameter] = []
+    for module in model.modules():
+        if isinstance(module, LoRAMoELinear):
+            params.append(module.router.weight)
+        elif _is_router_module(module):
+            params.append(module.weight)
+    return params
+
+
+def freeze_all_but_routers(model: nn.Module) -> list[nn.Parameter]:
+    """Set requires_grad=False on every parameter except the routers; return the routers."""
+    routers = router_parameters(model)
+    if not routers:
+        raise CairnError("the model has no MoE routers; router training needs a mixture (FFT Mixtral or LoRA MoE)")
+    keep = {id(p) for p in routers}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+    return routers
+
+
+def require_router_data(examples, name: str = "router dataset") -> None:
+    """Raise a CairnError when the router dataset is empty (router training would do nothing)."""
+    if examples is None or len(examples) == 0:
+        raise CairnError(f"the {name} is empty; router training needs at least one example")
+
+
+def switch_load_balancing_loss(
+    router_logits: torch.Tensor, top_k: int | None, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """K · Σ_i f_i · P_i for one routed module (Switch Transformer eq. 4-6, Mixtral's form).
+
+    ``router_logits`` (..., K); P_i = mean softmax probability of expert i over real tokens; f_i =
+    fraction of real tokens that chose expert i among their top-k (top-1 for dense routing), summed
+    over the k choices as Mixtral does. 1·top_k when perfectly balanced.
+    """
+    k = router_logits.shape[-1]
+    probs = router_logits.float().softmax(-1).reshape(-1, k)
+    chosen = probs.topk(top_k or 1, dim=-1).indices
+    selected = torch.zeros_like(probs).scatter(-1, chosen, 1.0)
+    if attention_mask is not None:
+        mask = attention_mask.reshape(-1).to(probs)
+        if mask.numel() != probs.shape[0]:
+            raise ValueError(f"attention_mask has {mask.numel()} tokens but the router saw {probs.shape[0]}")
+    else:
+        mask = torch.ones(probs.shape[0], device=probs.device)
+    n = mask.sum().clamp_min(1.0)
+    f = (selected * mask[:, None]).sum(0) / n
+    p = (probs * mask[:, None]).sum(0) / n
+    return k * (f * p).sum()
+
+
+class LoRAMoEAuxLoss:
+    """Switch-style load balancing for LoRA mixtures: coef · mean over routed modules."""
+
+    def __init__(self, coef: float = 0.01, name: str = "router_aux") -> None:
+        self.coef = coef
+        self.name = name
+
+    def extra_loss(self, model: nn.Module, batch: dict[str, Any], outputs: Any) -> dict[str, torch.Tensor]:
+        layers = [l for l in lora_moe_layers(model).values() if l.last_router_logits is not None]
+        if not layers:
+            raise CairnError("LoRAMoEAuxLoss: the model has no LoRA-MoE router outputs; call it after a forward pass")
+        mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+        terms = [switch_load_balancing_loss(l.last_router_logits, l.top_k, mask) for l in layers]
+        return {self.name: self.coef * torch.stack(terms).mean()}
+
+
+class MixtralAuxLoss:
+    """Mixtral's auxiliary load-balancing loss as a named extra-loss term: coef · outputs.aux_loss.
+
+    Call :meth:`prepare` once on the model: it makes the forward compute ``aux_loss``
+    (``output_router_logits``) and zeroes the model's internal coefficient so ``outputs.loss`` (when
+    the loop passes labels) does not count the term a second time.
+    """
+
+    def __init__(self, coef: float = 0.02, name: str = "router_aux") -> None:
+        self.coef = coef
+        self.name = name
+
+    @staticmethod
+    def prepare(model: nn.Module) -> nn.Module:
+        if not hasattr(model.config, "output_router_logits"):
+            raise CairnError("MixtralAuxLoss needs a Mixtral-style model (config.output_router_logits)")
+        model.config.output_router_logits = True
+        model.config.router_aux_loss_coef = 0.0
+        if hasattr(model, "router_aux_loss_coef"):
+            model.router_aux_loss_coef = 0.0
+        return model
+
+    def extra_loss(self, model: nn.Module, batch: dict[str, Any], outputs: Any) -> dict[str, torch.Tensor]:
+        aux = getattr(outputs, "aux_loss", None)
+        if aux is None or not torch.is_tensor(aux):
+            raise CairnError(
+                "MixtralAuxLoss: outputs.aux_loss is missing; call MixtralAuxLoss.prepare(model) before training"
+            )
+        return {self.name: self.coef * aux}

@@ -1,0 +1,158 @@
+"""``cairn eval``: score a model, a PEFT adapter or a run's artifact on the old-knowledge suite.
+
+The suite (MMLU, ARC, HellaSwag, PIQA, WinoGrande, OpenBookQA, CommonsenseQA, optionally GSM8K)
+follows lm-evaluation-harness's task definitions (Gao et al., Zenodo 10256836), as used by the seed
+paper (Lee & Wynter 2024) to measure old-knowledge retention; see :mod:`cairn.eval.suites`.
+``--backend lm-eval`` runs lm-evaluation-harness itself on the same questions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from cairn.errors import CairnError
+
+SUITES = ["old-knowledge"]
+
+
+def register(subparsers) -> None:
+    from cairn.eval.suites import OLD_KNOWLEDGE_TASKS
+
+    p = subparsers.add_parser(
+        "eval",
+        help="evaluate a model on the old-knowledge suite (MMLU, ARC, HellaSwag, ...)",
+        description="Evaluate MODEL (a built-in name, a Hugging Face model folder or hub id, a PEFT adapter folder, "
+        "or a run directory: its last round's artifact) on the old-knowledge suite, with lm-evaluation-harness's "
+        "prompts and metrics. Tasks: " + ", ".join(OLD_KNOWLEDGE_TASKS) + ".",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("model", metavar="MODEL", help="model spec, PEFT adapter folder, or run directory")
+    p.add_argument("--suite", default="old-knowledge", choices=SUITES, help="which suite to run")
+    p.add_argument("--tasks", nargs="+", default=None, metavar="TASK",
+                   help="tasks to run (default: the 8 multiple-choice tasks; 'all' adds gsm8k)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="evaluate a seeded random subset of N questions per task (default: all)")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the --limit subsample")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="folder laid out like the data pack (old_knowledge/<task>/..., gsm8k/test.jsonl); "
+                   "default: $CAIRN_DATA, else the Hugging Face hub")
+    p.add_argument("--data-file", action="append", default=[], metavar="TASK=FILE",
+                   help="use FILE (JSONL, the Hugging Face column schema) for TASK; repeatable")
+    p.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples (mmlu and gsm8k only)")
+    p.add_argument("--batch-size", type=int, default=16, help="questions (packed rows) per forward pass")
+    p.add_argument("--max-gen-toks", type=int, default=256, help="generation budget per GSM8K question")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weight dtype (bfloat16 pays off on GPUs; on CPUs without bf16 units it is slower)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--backend", default="cairn", choices=["cairn", "lm-eval"],
+                   help="cairn's batched scorer, or lm-evaluation-harness itself (pip install lm-eval)")
+    p.add_argument("--output", type=Path, default=None, help="write the results as JSON here")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=run)
+
+
+def _parse_data_files(items: list[str]) -> dict[str, Path]:
+    out = {}
+    for item in items:
+        task, sep, file = item.partition("=")
+        if not sep or not task or not file:
+            raise CairnError(f"--data-file expects TASK=FILE, got {item!r}")
+        if not Path(file).is_file():
+            raise CairnError(f"--data-file {item}: {file} does not exist")
+        out[task] = Path(file)
+    return out
+
+
+def resolve_artifact(spec: str) -> tuple[str, str | None]:
+    """(base model spec, adapter folder or None) for a model spec, adapter folder or run directory."""
+    path = Path(spec).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+        rounds = sorted((p for p in (path / "rounds").glob("*") if p.is_dir()), key=_round_key) if (path / "rounds").is_dir() else []
+        artifacts = [p for p in rounds if (p / "config.json").is_file() or (p / "adapter_config.json").is_file()]
+        if not artifacts:
+            raise CairnError(f"{path} is not a model folder (no config.json), not a PEFT adapter (no "
+                             "adapter_config.json), and not a run directory with rounds/<k>-<task>/ artifacts")
+        path = artifacts[-1]
+        print(f"[cairn] evaluating the last round's artifact: {path}")
+    if (path / "adapter_config.json").is_file():
+        try:
+            config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise CairnError(f"{path / 'adapter_config.json'} is not valid JSON ({exc})") from None
+        base = config.get("base_model_name_or_path")
+        if not base:
+            raise CairnError(f"{path / 'adapter_config.json'} has no base_model_name_or_path; cannot tell which "
+                             "base model the adapter belongs to")
+        return base, str(path)
+    return spec if not path.is_dir() else str(path), None
+
+
+def _round_key(p: Path) -> tuple[int, str]:
+    head = p.name.split("-", 1)[0]
+    return (int(head), p.name) if head.isdigit() else (10**9, p.name)
+
+
+def load_for_eval(spec: str, dtype: str = "float32", device: str | None = None):
+    """(model, tokenizer, base path, adapter) for a model spec / adapter / run dir, ready for scoring."""
+    import torch
+
+    from cairn import models
+
+    base, adapter = resolve_artifact(spec)
+    tokenizer = models.load_tokenizer(adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else base)
+    model = models.load_model(base, dtype=dtype)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device).eval(), tokenizer, base, adapter
+
+
+def _print_table(results: dict[str, dict]) -> None:
+    print(f"{'task':<16}{'n':>6}  {'metric':<22}{'value':>8}  {'stderr':>7}  {'q/s':>7}")
+    for name, r in results.items():
+        metrics = [k for k in r if k.endswith("_stderr") and k != "primary_stderr"]
+        for i, key in enumerate(metrics):
+            m = key[: -len("_stderr")]
+            mark = " *" if m == r["primary_metric"] else ""
+            qps = r.get("questions_per_second") if i == 0 else None
+            print(f"{name if i == 0 else '':<16}{r['n'] if i == 0 else '':>6}  {m + mark:<22}{r[m]:>8.4f}  "
+                  f"{r[key]:>7.4f}  {qps if qps is not None else '':>7}")
+    print("* primary metric (acc_norm where the task defines it, else acc; gsm8k: flexible-extract)")
+
+
+def run(args) -> int:
+    from cairn import atomic
+    from cairn.eval import suites
+
+    if args.limit is not None and args.limit < 1:
+        raise CairnError(f"--limit must be a positive number of questions per task, got {args.limit}")
+    tasks = suites.resolve_tasks(args.tasks)
+    data_files = _parse_data_files(args.data_file)
+    if data_files:
+        suites.resolve_tasks(list(data_files))  # an unknown task name in --data-file is an error too
+    if args.backend == "lm-eval":
+        from cairn.eval import lm_eval_backend
+        from cairn.models import resolve_model_path
+
+        base, adapter = resolve_artifact(args.model)
+        results = lm_eval_backend.run_lm_eval(
+            resolve_model_path(base), tasks, data_dir=args.data_dir, limit=args.limit, seed=args.seed,
+            batch_size=args.batch_size, num_fewshot=args.num_fewshot, model_args=f"peft={adapter}" if adapter else "",
+            device=args.device or "cpu", max_gen_toks=args.max_gen_toks, data_files=data_files)
+    else:
+        model, tokenizer, base, adapter = load_for_eval(args.model, args.dtype, args.device)
+        results = suites.evaluate_suite(
+            model, tokenizer, tasks, data_dir=args.data_dir, limit=args.limit, seed=args.seed,
+            batch_size=args.batch_size, num_fewshot=args.num_fewshot, progress=not args.no_progress,
+            max_gen_toks=args.max_gen_toks, data_files=data_files)
+    _print_table(results)
+    if args.output:
+        atomic.write_json(args.output, {
+            "model": args.model, "base_model": base, "adapter": adapter, "suite": args.suite, "backend": args.backend,
+            "limit": args.limit, "seed": args.seed, "num_fewshot": args.num_fewshot, "results": results})
+        print(f"[cairn] wrote {args.output}")
+    return 0

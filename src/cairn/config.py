@@ -1,0 +1,304 @@
+"""Typed experiment configuration: YAML in, dataclasses out, unknown keys rejected.
+
+An experiment is a curriculum of tasks, a base model, shared training/evaluation settings and one or
+more methods that each run the curriculum from the same base. Every section is a dataclass whose
+field docstrings (the ``help`` metadata) document the key. Loading rejects a key that does not exist
+with a message naming the key, its section and the file, and ``--set a.b=c`` overrides any value
+(list items by index: ``--set methods.0.training.lr=1e-4``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from cairn.errors import CairnError
+
+
+def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"help": text})
+    if default is dataclasses.MISSING:
+        return field(metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class TaskConfig:
+    name: str = _help("Task name, used in tables and directory names.")
+    format: Literal["trace", "jsonl", "hf", "demo"] = _help(
+        "trace: folder with train/eval/test.json lists of {prompt, answer}; jsonl: folder with "
+        "train/eval/test.jsonl; hf: a Hugging Face dataset id; demo: a built-in generated domain.",
+        "trace",
+    )
+    path: str | None = _help("Folder (trace/jsonl), dataset id (hf) or demo domain name (demo). "
+                             "Relative folders are resolved against the experiment's data_dir.", None)
+    metric: str | None = _help("Metric name (see cairn.eval.metrics). Required except for demo tasks.", None)
+    prompt_field: str = _help("Field holding the prompt (jsonl/hf).", "prompt")
+    answer_field: str = _help("Field holding the answer (jsonl/hf).", "answer")
+    type_field: str | None = _help("Optional per-example field marking world-knowledge examples (LoRAMoE).", None)
+    world_knowledge: bool = _help("Whether this task counts as world-knowledge-like (LoRAMoE's constraint).", False)
+    train_split: str = _help("Split used for training.", "train")
+    test_split: str = _help("Split used for evaluation after each round.", "test")
+    max_train: int | None = _help("Keep at most this many training examples (seeded subsample).", None)
+    max_test: int | None = _help("Evaluate on at most this many test examples (seeded subsample).", None)
+    max_new_tokens: int | None = _help("Generation budget at evaluation; default from the longest answer.", None)
+    stop: list[str] = _help("Strings that end a generated answer at evaluation (besides EOS).", factory=list)
+    seed: int = _help("Seed of a generated (demo) task.", 0)
+    entities: int = _help("Number of invented entities of a generated (demo) task.", 8)
+
+
+@dataclass
+class LoraConfig:
+    r: int = _help("LoRA rank.", 8)
+    alpha: float = _help("LoRA alpha (scaling = alpha / r).", 16.0)
+    dropout: float = _help("LoRA dropout.", 0.05)
+    target_modules: list[str] | str = _help("Modules to adapt, or 'all-linear'.", "all-linear")
+    sequential: Literal["merge", "stack"] = _help(
+        "merge: merge each round's adapter into the weights and start a fresh one (the seed paper); "
+        "stack: keep earlier adapters as a frozen stack (O-LoRA's original code).",
+        "merge",
+    )
+
+
+@dataclass
+class TrainingConfig:
+    epochs: float = _help("Passes over the round's training data.", 1.0)
+    max_steps: int | None = _help("Stop after this many optimizer steps (overrides epochs).", None)
+    lr: float = _help("Peak learning rate.", 1e-4)
+    weight_decay: float = _help("AdamW weight decay.", 0.0)
+    batch_size: int = _help("Examples per micro-batch.", 8)
+    grad_accum: int = _help("Micro-batches per optimizer step.", 1)
+    warmup_ratio: float = _help("Fraction of steps with linear warmup.", 0.1)
+    scheduler: Literal["linear", "cosine", "constant"] = _help("LR schedule after warmup.", "linear")
+    max_length: int = _help("Truncate prompt+answer to this many tokens (prompt cut from the left).", 512)
+    max_grad_norm: float | None = _help("Gradient clipping norm (null: off).", 1.0)
+    bf16: bool = _help("bf16 autocast (CPU and GPU).", False)
+    log_every: int = _help("Log loss terms every N optimizer steps.", 10)
+    save_every: int | None = _help("Checkpoint every N optimizer steps for resume (null: only at the end).", None)
+
+
+@dataclass
+class OLoRAConfig:
+    lambda1: list[float] | float = _help("Orthogonality weight; a list gives one value per round.", 0.5)
+    lambda2: float = _help("Weight of the unsquared L2 norm of the new adapter.", 0.0)
+
+
+@dataclass
+class NLoRAConfig:
+    lam: list[float] | float = _help("L1 sparsity weight on ΔW=B·A; a list gives one value per round.", 0.4)
+
+
+@dataclass
+class MethodConfig:
+    name: str = _help("Label of this method; its results go to <output_dir>/<name>.")
+    strategy: Literal["sequential", "joint"] = _help(
+        "sequential: one round per task, each from the previous round's model; "
+        "joint: all tasks at once, one round.",
+        "sequential",
+    )
+    trainable: Literal["full", "lora"] = _help("full fine-tuning or LoRA (PEFT).", "lora")
+    lora: LoraConfig = _help("LoRA settings (trainable: lora).", factory=LoraConfig)
+    replay: float = _help("Fraction of the round's size replayed from each earlier task (0: off).", 0.0)
+    joint_upsample: bool = _help("Joint training: upsample so every task is equally likely.", True)
+    olora: OLoRAConfig | None = _help("O-LoRA orthogonality loss (LoRA only).", None)
+    nlora: NLoRAConfig | None = _help("N-LoRA sparsity loss (LoRA only).", None)
+    training: dict[str, Any] = _help("Overrides of the experiment's training settings for this method.", factory=dict)
+
+
+@dataclass
+class EvaluationConfig:
+    batch_size: int = _help("Prompts per generation batch.", 16)
+    every_round: bool = _help("Evaluate all tasks after every round (else only the last).", True)
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = _help("Experiment name.")
+    model: str = _help("Base model: a built-in name, a local Hugging Face folder, or a hub id.")
+    tasks: list[TaskConfig] = _help("The curriculum, in round order.")
+    methods: list[MethodConfig] = _help("Methods that each run the curriculum from the same base.")
+    output_dir: str = _help("Where the experiment directory is written.", "runs")
+    data_dir: str | None = _help("Folder that relative task paths are resolved against.", None)
+    seed: int = _help("Seed for data order, sampling and initialisation.", 0)
+    dtype: Literal["float32", "bfloat16"] = _help("Dtype the model weights are loaded in.", "float32")
+    training: TrainingConfig = _help("Training settings shared by all methods.", factory=TrainingConfig)
+    evaluation: EvaluationConfig = _help("Evaluation settings.", factory=EvaluationConfig)
+
+    def training_for(self, method: MethodConfig) -> TrainingConfig:
+        """The experiment's training settings with the method's overrides applied (validated)."""
+        merged = dataclasses.asdict(self.training) | method.training
+        return _build(TrainingConfig, merged, f"methods[{method.name}].training", "<config>")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _convert(tp: Any, value: Any, where: str, source: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, where, source)
+            except CairnError as exc:
+                errors.append(str(exc))
+        raise CairnError(f"{source}: {where}: value {value!r} has the wrong type ({' / '.join(_type_name(a) for a in args)})")
+    if origin is Literal:
+        if value not in args:
+            raise CairnError(f"{source}: {where}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise CairnError(f"{source}: {where}: expected a mapping, got {value!r}")
+        return _build(tp, value, where, source)
+    if origin is list:
+        if not isinstance(value, list):
+            raise CairnError(f"{source}: {where}: expected a list, got {value!r}")
+        return [_convert(args[0], v, f"{where}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise CairnError(f"{source}: {where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is str and isinstance(value, str):
+        return value
+    raise CairnError(f"{source}: {where}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type, data: dict, where: str, source: str):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), list(fields), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise CairnError(
+            f"{source}: unknown key {key!r} in {where or 'the top level'}{hint}; "
+            f"valid keys: {', '.join(fields)}"
+        )
+    kwargs = {}
+    for name, f in fields.items():
+        sub = f"{where}.{name}" if where else name
+        if name in data:
+            kwargs[name] = _convert(hints[name], data[name], sub, source)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise CairnError(f"{source}: missing required key {sub!r}: {f.metadata.get('help', '')}")
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise CairnError(f"--set {text!r}: expected KEY=VALUE, e.g. --set training.lr=1e-4")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = copy.deepcopy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node: Any = data
+        for i, part in enumerate(path[:-1]):
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise CairnError(f"--set {text}: {'.'.join(path[: i + 1])} is not a valid list index")
+                node = node[int(part)]
+            else:
+                node = node.setdefault(part, {})
+        last = path[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise CairnError(f"--set {text}: {last} is not a valid list index")
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read, override and validate an experiment YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CairnError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise CairnError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise CairnError(f"{path}: expected a mapping at the top level")
+    data = apply_overrides(data, overrides or [])
+    return config_from_dict(data, str(path))
+
+
+def config_from_dict(data: dict, source: str = "<config>") -> ExperimentConfig:
+    cfg = _build(ExperimentConfig, data, "", source)
+    validate(cfg, source)
+    return cfg
+
+
+def validate(cfg: ExperimentConfig, source: str) -> None:
+    if not cfg.tasks:
+        raise CairnError(f"{source}: tasks is empty; list at least one task")
+    if not cfg.methods:
+        raise CairnError(f"{source}: methods is empty; list at least one method")
+    names = [t.name for t in cfg.tasks]
+    if len(set(names)) != len(names):
+        raise CairnError(f"{source}: task names must be unique, got {names}")
+    mnames = [m.name for m in cfg.methods]
+    if len(set(mnames)) != len(mnames):
+        raise CairnError(f"{source}: method names must be unique, got {mnames}")
+    for task in cfg.tasks:
+        if task.format != "demo" and not task.metric:
+            raise CairnError(f"{source}: task {task.name!r} has no metric; add e.g. `metric: exact_match`")
+        if task.format != "demo" and not task.path:
+            raise CairnError(f"{source}: task {task.name!r} has no path")
+    for method in cfg.methods:
+        cfg.training_for(method)  # validates the overrides
+        if method.trainable == "full" and (method.olora or method.nlora):
+            which = "O-LoRA" if method.olora else "N-LoRA"
+            raise CairnError(f"{source}: method {method.name!r}: {which} constrains LoRA adapters; "
+                             f"set `trainable: lora` or drop `{'olora' if method.olora else 'nlora'}`")
+        if not 0.0 <= method.replay <= 1.0:
+            raise CairnError(f"{source}: method {method.name!r}: replay must be in [0, 1], got {method.replay}")
+        for label, values in (("olora.lambda1", method.olora and method.olora.lambda1),
+                              ("olora.lambda2", method.olora and method.olora.lambda2),
+                              ("nlora.lam", method.nlora and method.nlora.lam)):
+            vals = values if isinstance(values, list) else [values]
+            if any(v is not None and v is not False and v < 0 for v in vals):
+                raise CairnError(f"{source}: method {method.name!r}: {label} must be >= 0, got {values}")
+
+
+def to_yaml(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False, allow_unicode=True)

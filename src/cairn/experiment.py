@@ -1,0 +1,357 @@
+"""The one experiment runner: a curriculum, one or more methods, a results matrix per method.
+
+For each method, round t starts from round t-1's model (round 0 is the base), trains on task t's data
+(plus replay, if the method asks) with the one training loop, saves the round's artifact atomically,
+evaluates every task of the curriculum (tasks not yet trained too, for forward transfer) and writes
+the round's scores. Joint training is one round over all tasks. The results matrix R[round][task],
+the continual-learning figures, CSV, a Markdown table shaped like the seed paper's Tables 3/4
+(Lee & Wynter 2024, arXiv 2410.13699) and the report are written at the end.
+
+Resume: a round whose ``round.json`` exists is done and is restored from its artifact instead of
+retrained; a round that was interrupted continues from its last training checkpoint. Rerunning the
+same command therefore picks up where it stopped. A method that fails is recorded as failed in
+``experiment.json`` and the other methods still run.
+
+Directory layout: see ``docs/run-directory.md`` in the repository (and RESULTS_SCHEMA there).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cairn import atomic
+from cairn.config import ExperimentConfig, MethodConfig, to_yaml
+from cairn.data.tasks import Task, load_task
+from cairn.errors import CairnError
+from cairn.eval.continual import summarize
+from cairn.eval.task_eval import evaluate_tasks
+from cairn.methods import trainable
+from cairn.train.loop import train
+
+
+@dataclass
+class RunLog:
+    """Appends timestamped lines to a run's log file and echoes them."""
+
+    path: Path
+    echo: bool = True
+
+    def __call__(self, line: str) -> None:
+        stamped = f"[{time.strftime('%H:%M:%S')}] {line}"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(stamped + "\n")
+        if self.echo:
+            print(stamped, flush=True)
+
+
+@dataclass
+class RoundRecord:
+    label: str
+    scores: list[float]
+    train: dict = field(default_factory=dict)
+    eval_seconds: float = 0.0
+
+
+def _round_dir(method_dir: Path, k: int, label: str) -> Path:
+    return method_dir / "rounds" / f"{k:02d}-{label}"
+
+
+def _read_round(path: Path) -> RoundRecord | None:
+    f = path / "round.json"
+    if not f.is_file():
+        return None
+    return RoundRecord(**json.loads(f.read_text()))
+
+
+def _write_round(path: Path, record: RoundRecord, predictions: dict) -> None:
+    atomic.write_json(path / "predictions.json", predictions)
+    atomic.write_json(path / "round.json", dataclasses.asdict(record))  # written last: marks the round done
+
+
+class Runner:
+    """Runs every method of an experiment config into ``out_dir``."""
+
+    def __init__(self, cfg: ExperimentConfig, out_dir: Path, progress: bool = True, echo: bool = True):
+        self.cfg = cfg
+        self.out = Path(out_dir)
+        self.progress = progress
+        self.echo = echo
+        self.tasks: list[Task] = [load_task(t, cfg.data_dir, cfg.seed) for t in cfg.tasks]
+        self._tokenizer = None
+        self.tokenizer  # a bad model spec fails here, before anything is written
+
+    # -- shared pieces -----------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from cairn.models import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.cfg.model)
+        return self._tokenizer
+
+    def load_base(self):
+        from cairn.models import load_model
+
+        model = load_model(self.cfg.model, self.cfg.dtype)
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model
+
+    def evaluate(self, model) -> tuple[list[float], dict, float]:
+        t0 = time.perf_counter()
+        scores, preds = evaluate_tasks(model, self.tokenizer, self.tasks, self.cfg.evaluation.batch_size, self.progress)
+        return scores, preds, time.perf_counter() - t0
+
+    def base_record(self, log: RunLog) -> RoundRecord:
+        """The base model's scores, computed once per experiment and shared by every method."""
+        path = self.out / "base"
+        record = _read_round(path)
+        if record is None:
+            log(f"evaluating the base model {self.cfg.model} on {len(self.tasks)} tasks")
+            scores, preds, secs = self.evaluate(self.load_base())
+            record = RoundRecord(label="base", scores=scores, eval_seconds=secs)
+            _write_round(path, record, preds)
+        return record
+
+    # -- experiment --------------------------------------------------------------------------
+    def run(self) -> dict:
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic.write_text(self.out / "config.yaml", to_yaml(self.cfg))
+        log = RunLog(self.out / "log.txt", self.echo)
+        status: dict[str, str] = {}
+        results: dict[str, dict] = {}
+        base = self.base_record(log)
+        for method in self.cfg.methods:
+            mlog = RunLog(self.out / method.name / "log.txt", self.echo)
+            try:
+                results[method.name] = self.run_method(method, base, mlog)
+                status[method.name] = "ok"
+            except CairnError as exc:
+                status[method.name] = f"failed: {exc}"
+                mlog(f"method {method.name} failed: {exc}")
+            except Exception as exc:  # keep the other methods' results; the traceback goes to the log
+                status[method.name] = f"failed: {type(exc).__name__}: {exc}"
+                mlog(f"method {method.name} crashed:\n{traceback.format_exc()}")
+        atomic.write_json(self.out / "experiment.json",
+                          {"name": self.cfg.name, "methods": [m.name for m in self.cfg.methods], "status": status})
+        return {"status": status, "results": results}
+
+    def run_method(self, method: MethodConfig, base: RoundRecord, log: RunLog) -> dict:
+        mdir = self.out / method.name
+        final = mdir / "results.json"
+        if final.is_file():
+            log(f"{method.name}: already complete, reading {final}")
+            return json.loads(final.read_text())
+        atomic.write_text(mdir / "config.yaml", to_yaml(dataclasses.replace(self.cfg, methods=[method])))
+        tcfg = self.cfg.training_for(method)
+        rounds = [base]
+        if method.strategy == "joint":
+            plan = [("joint", list(range(len(self.tasks))))]
+        else:
+            plan = [(t.name, [i]) for i, t in enumerate(self.tasks)]
+
+        model = None
+        restored_upto = 0
+        for k, (label, task_ids) in enumerate(plan, start=1):
+            rdir = _round_dir(mdir, k, label)
+            done = _read_round(rdir)
+            if done is not None:
+                rounds.append(done)
+                continue
+            if model is None or restored_upto != k - 1:
+                model = self.restore(method, mdir, plan, k - 1, log)
+                restored_upto = k - 1
+            log(f"{method.name}: round {k}/{len(plan)} ({label})")
+            model, record, preds = self.train_round(method, tcfg, model, k, label, task_ids, rdir, log)
+            _write_round(rdir, record, preds)
+            rounds.append(record)
+            restored_upto = k
+            log(f"{method.name}: after {label}: " + ", ".join(
+                f"{t.name}={s:.3f}" for t, s in zip(self.tasks, record.scores)))
+        return self.finish(method, mdir, rounds)
+
+    # -- one round ---------------------------------------------------------------------------
+    def round_examples(self, method: MethodConfig, k: int, task_ids: list[int]) -> tuple[list[dict], dict]:
+        if len(task_ids) > 1:  # joint training
+            from cairn.data.mixing import joint_mix
+
+            data = joint_mix([self.tasks[i].train for i in task_ids], upsample=method.joint_upsample,
+                             seed=self.cfg.seed)
+            return data, {"joint": True, "upsample": method.joint_upsample}
+        current = self.tasks[task_ids[0]].train
+        if method.replay > 0 and task_ids[0] > 0:
+            from cairn.data.mixing import replay_mix
+
+            earlier = [self.tasks[i].train for i in range(task_ids[0])]
+            data, record = replay_mix(current, earlier, method.replay, seed=self.cfg.seed + k)
+            return data, {"replay": record}
+        return current, {}
+
+    def train_round(self, method, tcfg, model, k, label, task_ids, rdir: Path, log: RunLog):
+        if method.trainable == "lora":
+            model = trainable.add_lora_adapter(model, method.lora, k, self.cfg.seed)
+        else:
+            model = trainable.make_full_trainable(model)
+        examples, data_record = self.round_examples(method, k, task_ids)
+        if data_record:
+            atomic.write_json(rdir / "round_data.json", data_record)
+        loss_parts = self.loss_parts(method, model, k, rdir)
+        result = train(model, self.tokenizer, examples, tcfg, seed=self.cfg.seed + k,
+                       checkpoint_dir=self.out / method.name / "checkpoints" / rdir.name,
+                       loss_parts=loss_parts, log=log, progress=self.progress)
+        log(f"trained {result.steps} steps on {len(examples)} examples in {result.seconds:.1f}s "
+            f"({result.tokens_per_second:.0f} tokens/s)")
+        model = self.save_artifact(method, model, k, rdir)
+        scores, preds, secs = self.evaluate(model)
+        record = RoundRecord(label=label, scores=scores, eval_seconds=secs, train={
+            "steps": result.steps, "examples": len(examples), "tokens": result.tokens,
+            "seconds": result.seconds, "tokens_per_second": result.tokens_per_second, "log": result.log})
+        return model, record, preds
+
+    def loss_parts(self, method: MethodConfig, model, k: int, rdir: Path) -> list:
+        """The method's extra loss terms for round ``k`` (O-LoRA, N-LoRA)."""
+        parts = []
+        name = trainable.adapter_name(k)
+        if method.olora is not None:
+            from cairn.methods.lambdas import lambda_for_round
+            from cairn.methods.olora import OLoRALoss, collect_lora_A, load_A_store
+
+            if method.lora.sequential == "stack":
+                prev = {i: collect_lora_A(model, trainable.adapter_name(i)) for i in range(1, k)}
+            else:  # merged rounds leave only their A's, saved next to each round's adapter
+                prev = {}
+                for i in range(1, k):
+                    store = rdir.parent.glob(f"{i:02d}-*/olora_A.safetensors")
+                    for path in store:
+                        prev.update(load_A_store(path))
+            parts.append(OLoRALoss(prev, lambda_for_round(method.olora.lambda1, k - 1, "O-LoRA lambda1"),
+                                   method.olora.lambda2, adapter_name=name))
+        if method.nlora is not None:
+            from cairn.methods.lambdas import lambda_for_round
+            from cairn.methods.nlora import NLoRALoss
+
+            parts.append(NLoRALoss(lambda_for_round(method.nlora.lam, k - 1, "N-LoRA lambda"), adapter_name=name))
+        return parts
+
+    def save_artifact(self, method: MethodConfig, model, k: int, rdir: Path):
+        """Write the round's artifact; returns the model the next round starts from."""
+        if method.trainable == "lora":
+            with atomic.atomic_dir(rdir / "adapter", overwrite=True) as tmp:
+                trainable.save_adapter(model, k, tmp)
+            if method.olora is not None:
+                from cairn.methods.olora import collect_lora_A, save_A_store
+
+                save_A_store(rdir / "olora_A.safetensors", {k: collect_lora_A(model, trainable.adapter_name(k))})
+            if method.lora.sequential == "merge":
+                return trainable.merge_adapters(model)
+            for p in model.parameters():
+                p.requires_grad_(False)
+            return model
+        with atomic.atomic_dir(rdir / "model", overwrite=True) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model
+
+    def restore(self, method: MethodConfig, mdir: Path, plan, upto: int, log: RunLog):
+        """The model as it was after round ``upto`` (0 = base), rebuilt from saved artifacts."""
+        if upto == 0:
+            return self.load_base()
+        log(f"{method.name}: restoring the model after round {upto} from its artifacts")
+        if method.trainable == "full":
+            from transformers import AutoModelForCausalLM
+            import torch
+
+            path = _round_dir(mdir, upto, plan[upto - 1][0]) / "model"
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, self.cfg.dtype))
+            for p in model.parameters():
+                p.requires_grad_(False)
+            return model
+        from peft import PeftModel
+
+        model = self.load_base()
+        for k in range(1, upto + 1):
+            adir = _round_dir(mdir, k, plan[k - 1][0]) / "adapter" / trainable.adapter_name(k)
+            if not adir.is_dir():
+                raise CairnError(f"round {k}'s adapter {adir} is missing; delete {mdir} to rerun the method")
+            if isinstance(model, PeftModel):
+                model.load_adapter(str(adir), adapter_name=trainable.adapter_name(k))
+                model.base_model.set_adapter(list(model.peft_config))
+            else:
+                model = PeftModel.from_pretrained(model, str(adir), adapter_name=trainable.adapter_name(k))
+            if method.lora.sequential == "merge":
+                model = trainable.merge_adapters(model)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model
+
+    # -- results -----------------------------------------------------------------------------
+    def finish(self, method: MethodConfig, mdir: Path, rounds: list[RoundRecord]) -> dict:
+        matrix = [r.scores for r in rounds]
+        names = [t.name for t in self.tasks]
+        train_s = sum(r.train.get("seconds", 0.0) for r in rounds)
+        tokens = sum(r.train.get("tokens", 0) for r in rounds)
+        results = {
+            "name": method.name,
+            "method": method.name,
+            "model": self.cfg.model,
+            "tasks": [{"name": t.name, "metric": t.metric} for t in self.tasks],
+            "rows": [r.label for r in rounds],
+            "matrix": matrix,
+            "figures": summarize(matrix, names, [r.label for r in rounds]),
+            "timing": {"train_seconds": train_s, "eval_seconds": sum(r.eval_seconds for r in rounds[1:]),
+                       "train_tokens": tokens, "train_tokens_per_second": tokens / train_s if train_s else None},
+        }
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(["after"] + names)
+        for r in rounds:
+            writer.writerow([r.label] + [f"{s:.6f}" for s in r.scores])
+        atomic.write_text(mdir / "results.csv", buf.getvalue())
+        atomic.write_text(mdir / "table.md", results_table(results))
+        atomic.write_json(mdir / "results.json", results)  # last: marks the method complete
+        return results
+
+
+def results_table(results: dict) -> str:
+    from cairn.report.tables import new_knowledge_table_markdown
+
+    return new_knowledge_table_markdown(results)
+
+
+def run_experiment(cfg: ExperimentConfig, out_dir: Path | None = None, progress: bool = True) -> dict:
+    """Run every method and return {"status", "results", "out"} without printing tables."""
+    out = Path(out_dir) if out_dir else Path(cfg.output_dir) / cfg.name
+    return Runner(cfg, out, progress=progress).run() | {"out": out}
+
+
+def execute(cfg: ExperimentConfig, out_dir: Path | None = None, progress: bool = True) -> int:
+    """Run, build the report, print every method's table; exit status 1 if any method failed."""
+    out = Path(out_dir) if out_dir else Path(cfg.output_dir) / cfg.name
+    t0 = time.perf_counter()
+    outcome = Runner(cfg, out, progress=progress).run()
+    elapsed = time.perf_counter() - t0
+    from cairn.report import build_report
+
+    ok = [name for name, s in outcome["status"].items() if s == "ok"]
+    report = build_report([out]) if ok else None
+    for name, results in outcome["results"].items():
+        print(f"\n## {name}\n")
+        print(results_table(results))
+    for name, s in outcome["status"].items():
+        if s != "ok":
+            print(f"\nmethod {name}: {s} (see {out / name / 'log.txt'})")
+    print(f"\nexperiment directory: {out}  ({elapsed / 60:.1f} min)")
+    if report is not None:
+        print(f"report: {report}")
+    return 0 if len(ok) == len(outcome["status"]) else 1

@@ -1,0 +1,104 @@
+"""The experiment runner end to end on a tiny model: results, resume, method isolation, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cairn.config import config_from_dict
+from cairn.experiment import run_experiment
+
+FAST = {"max_steps": 2, "batch_size": 4, "lr": 1e-3, "log_every": 1, "max_length": 64}
+
+
+def _cfg(model_dir, methods, tasks=("zoology", "geography")):
+    return config_from_dict({
+        "name": "t", "model": str(model_dir),
+        "tasks": [{"name": t, "format": "demo", "path": t, "entities": 2, "max_new_tokens": 4} for t in tasks],
+        "methods": methods, "training": FAST, "evaluation": {"batch_size": 8},
+    })
+
+
+def test_sequential_lora_and_fft_write_results(tmp_path, tiny_model_dir):
+    cfg = _cfg(tiny_model_dir, [{"name": "lora", "trainable": "lora", "lora": {"r": 2, "alpha": 4}},
+                                {"name": "fft", "trainable": "full"}])
+    out = run_experiment(cfg, tmp_path / "exp", progress=False)
+    assert out["status"] == {"lora": "ok", "fft": "ok"}
+    for method in ("lora", "fft"):
+        res = json.loads((tmp_path / "exp" / method / "results.json").read_text())
+        assert res["rows"] == ["base", "zoology", "geography"]
+        assert len(res["matrix"]) == 3 and all(len(r) == 2 for r in res["matrix"])
+        assert res["figures"]["curriculum"] is True
+        assert (tmp_path / "exp" / method / "table.md").read_text().count("\n") >= 4
+        assert (tmp_path / "exp" / method / "results.csv").read_text().startswith("after,zoology,geography")
+    # LoRA rounds keep a vanilla PEFT adapter; FFT rounds a transformers checkpoint
+    assert (tmp_path / "exp/lora/rounds/01-zoology/adapter/round1/adapter_config.json").is_file()
+    assert (tmp_path / "exp/fft/rounds/02-geography/model/config.json").is_file()
+    status = json.loads((tmp_path / "exp" / "experiment.json").read_text())["status"]
+    assert status == {"lora": "ok", "fft": "ok"}
+
+
+def test_rerun_resumes_from_finished_rounds(tmp_path, tiny_model_dir):
+    cfg = _cfg(tiny_model_dir, [{"name": "lora", "trainable": "lora", "lora": {"r": 2, "alpha": 4}}])
+    exp = tmp_path / "exp"
+    first = run_experiment(cfg, exp, progress=False)["results"]["lora"]
+    # Simulate an interruption after round 1: round 2 and the final results are gone.
+    (exp / "lora" / "results.json").unlink()
+    (exp / "lora" / "rounds" / "02-geography" / "round.json").unlink()
+    second = run_experiment(cfg, exp, progress=False)["results"]["lora"]
+    log = (exp / "lora" / "log.txt").read_text()
+    assert "restoring the model after round 1" in log
+    assert second["matrix"] == first["matrix"]  # same seed, same data: the rerun round is identical
+
+
+def test_failing_method_does_not_lose_others(tmp_path, tiny_model_dir):
+    cfg = _cfg(tiny_model_dir, [
+        {"name": "bad", "trainable": "lora", "nlora": {"lam": [0.1]}},  # no λ for round 2
+        {"name": "good", "trainable": "lora", "lora": {"r": 2, "alpha": 4}},
+    ])
+    out = run_experiment(cfg, tmp_path / "exp", progress=False)
+    assert out["status"]["good"] == "ok"
+    assert out["status"]["bad"].startswith("failed:") and "round 1" in out["status"]["bad"]
+    assert not (tmp_path / "exp" / "bad" / "results.json").exists()  # nothing half-written claims success
+
+
+def test_olora_stack_replay_and_joint(tmp_path, tiny_model_dir):
+    cfg = _cfg(tiny_model_dir, [
+        {"name": "olora", "trainable": "lora", "lora": {"r": 2, "alpha": 4, "sequential": "stack"},
+         "olora": {"lambda1": 0.5}},
+        {"name": "olora-merge", "trainable": "lora", "lora": {"r": 2, "alpha": 4}, "olora": {"lambda1": [0.5, 5]}},
+        {"name": "replay", "trainable": "full", "replay": 0.5},
+        {"name": "joint", "trainable": "lora", "strategy": "joint", "lora": {"r": 2, "alpha": 4}},
+    ])
+    out = run_experiment(cfg, tmp_path / "exp", progress=False)
+    assert set(out["status"].values()) == {"ok"}, out["status"]
+    round2 = json.loads((tmp_path / "exp/olora/rounds/02-geography/round.json").read_text())
+    logged = round2["train"]["log"][-1]
+    assert logged["olora_orth_raw"] > 0 and "olora_orth" in logged  # penalty active and logged separately
+    assert (tmp_path / "exp/olora-merge/rounds/01-zoology/olora_A.safetensors").is_file()
+    replay = json.loads((tmp_path / "exp/replay/rounds/02-geography/round_data.json").read_text())
+    assert len(replay["replay"]) == 6  # half of the 12 geography examples, from zoology
+    joint = json.loads((tmp_path / "exp/joint/results.json").read_text())
+    assert joint["rows"] == ["base", "joint"]
+
+
+def test_cli_bad_config_exits_2_without_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nmodel: m\ntasks: []\nmethods: []\nlearning_rate: 3\n")
+    proc = subprocess.run([sys.executable, "-m", "cairn.cli", "run", str(bad)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "unknown key 'learning_rate'" in proc.stderr and "bad.yaml" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_unknown_model_exits_2(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("name: x\nmodel: ./no-such-model\ntasks: [{name: z, format: demo, path: zoology}]\n"
+                   "methods: [{name: m}]\n")
+    proc = subprocess.run([sys.executable, "-m", "cairn.cli", "run", str(cfg), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert "no-such-model" in proc.stderr and "Traceback" not in proc.stderr
