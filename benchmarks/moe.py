@@ -6,10 +6,10 @@ Configurations (all on the same base, same input batch, CPU, float32, no grad):
   moe4     - cairn LoRA-MoE of 4 adapters, top-2 softmax
   moe8     - cairn LoRA-MoE of 8 adapters, top-2 softmax
 Runs are interleaved round-robin (so background load hits all configurations alike) and the median
-is reported, with ratios against `merged` and `lora`. Peak memory is the peak of net bytes
-allocated during one forward, from the torch profiler's per-op memory records in time order.
+is reported, with ratios against `merged` and `lora`. Peak memory is the peak of live bytes produced by the
+ops of one forward (activations; tracked with a TorchDispatchMode), parameters counted apart.
 
-Usage: python benchmarks/moe.py [--model smollm2-135m|mid] [--batch 4] [--seq 128] [--rank 8] [--repeats 10]
+Usage: python benchmarks/moe.py [--model smollm2-135m|mid] [--batch 2] [--seq 128] [--rank 8] [--repeats 7]
 The built-in model is used when it is installed; `--model mid` uses a Llama config of similar shape
 built from random weights (no download).
 """
@@ -22,7 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import weakref
+
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -60,26 +64,52 @@ def make_adapters(base, folder: Path, count: int, rank: int) -> list[Path]:
     return paths
 
 
-def peak_forward_bytes(model, ids) -> int:
-    from torch.profiler import ProfilerActivity, profile
+class _LiveBytes(TorchDispatchMode):
+    """Track bytes of tensors produced during a forward that are still alive; keep the peak.
 
-    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        model(ids)
-    events = sorted(prof.events(), key=lambda e: e.time_range.start)
-    current = peak = 0
-    for e in events:
-        current += e.self_cpu_memory_usage
-        peak = max(peak, current)
-    return peak
+    Each op output with a new storage is counted until the tensor is garbage-collected (views share
+    their base's storage and are not counted twice). Parameters are not op outputs, so this is the
+    activation (working) memory of the forward; parameter bytes are reported separately.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self.seen: set[int] = set()
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self.seen.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                key = t.untyped_storage().data_ptr()
+                if key and key not in self.seen:
+                    nbytes = t.untyped_storage().nbytes()
+                    self.seen.add(key)
+                    self.live += nbytes
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(t, self._free, key, nbytes)
+        return out
+
+
+def peak_forward_bytes(model, ids) -> int:
+    mode = _LiveBytes()
+    with torch.no_grad(), mode:
+        out = model(ids)
+        del out
+    return mode.peak
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     args = ap.parse_args()
     if args.threads:
@@ -116,7 +146,7 @@ def main() -> None:
     params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
     print(f"model: {described}; input {args.batch}x{args.seq} tokens; LoRA rank {args.rank} on {','.join(TARGETS)}; "
           f"torch threads {torch.get_num_threads()}; {args.repeats} interleaved repeats, median")
-    print(f"{'config':8} {'latency_ms':>11} {'x merged':>9} {'x lora':>7} {'peak_MiB':>9} {'x merged':>9} {'x lora':>7} {'params_M':>9}")
+    print(f"{'config':8} {'latency_ms':>11} {'x merged':>9} {'x lora':>7} {'act_MiB':>9} {'x merged':>9} {'x lora':>7} {'params_M':>9}")
     for k in models:
         print(f"{k:8} {med[k] * 1e3:11.1f} {med[k] / med['merged']:9.3f} {med[k] / med['lora']:7.3f} "
               f"{mem[k] / 2**20:9.1f} {mem[k] / mem['merged']:9.3f} {mem[k] / mem['lora']:7.3f} {params[k] / 1e6:9.2f}")

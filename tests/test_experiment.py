@@ -102,3 +102,24 @@ def test_cli_unknown_model_exits_2(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2, proc.stderr
     assert "no-such-model" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_old_knowledge_suite_joins_the_results(tmp_path, tiny_model_dir):
+    rows = [{"id": str(i), "question": f"Which is {i}?", "choices": {"text": ["a", "b", "c"], "label": ["A", "B", "C"]},
+             "answerKey": "ABC"[i % 3]} for i in range(5)]
+    folder = tmp_path / "pack" / "old_knowledge" / "arc_easy"
+    folder.mkdir(parents=True)
+    (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = _cfg(tiny_model_dir, [{"name": "lora", "trainable": "lora", "lora": {"r": 2, "alpha": 4}}])
+    from cairn.config import OldKnowledgeConfig
+
+    cfg.evaluation.old_knowledge = OldKnowledgeConfig(tasks=["arc_easy"], limit=4, data_dir=str(tmp_path / "pack"),
+                                                      when="last")
+    run_experiment(cfg, tmp_path / "exp", progress=False)
+    res = json.loads((tmp_path / "exp" / "lora" / "results.json").read_text())
+    ok = res["old_knowledge"]
+    assert ok["tasks"] == ["arc_easy"] and ok["metric"] == {"arc_easy": "acc_norm"}
+    assert len(ok["matrix"]) == 3
+    assert ok["matrix"][1] == [None]  # 'last': round 1 of 2 is not scored
+    assert all(0.0 <= row[0] <= 1.0 for row in (ok["matrix"][0], ok["matrix"][2]))
+    assert ok["stderr"][2][0] is not None

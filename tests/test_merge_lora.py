@@ -2,7 +2,6 @@
 
 import json
 import shutil
-import warnings
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,6 @@ import torch
 from cairn.combine.merge_lora import merge_adapters, svd_factorize
 from cairn.errors import CairnError
 
-warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
 
 
 def _config(**overrides):

@@ -137,3 +137,31 @@ def test_cli_merge_and_error_exit(tiny, tmp_path, capsys):
     code = main(["merge", "--method", "dare", "--base", str(tiny / "base"), "--models", str(tiny / "m0"),
                  str(tiny / "m1"), "--drop-rate", "1.0", "--out", str(tmp_path / "bad"), "--no-progress"])
     assert code == 2 and "drop-rate" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_streamed_trim_ties_match_in_memory(tmp_path):
+    """Deltas on a coarse grid tie at the trim threshold; chunked and whole-tensor trims must agree."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"a.weight": (40, 30), "b.weight": (7,)}
+    (tmp_path / "base").mkdir()
+    save_file({n: torch.zeros(s) for n, s in shapes.items()}, str(tmp_path / "base" / "model.safetensors"))
+    models = []
+    for i in range(3):
+        d = tmp_path / f"q{i}"
+        d.mkdir()
+        state = {n: torch.randint(-3, 4, s, generator=gen).float() for n, s in shapes.items()}
+        save_file(state, str(d / "model.safetensors"))
+        models.append(state)
+    for d in ["base", "q0", "q1", "q2"]:
+        (tmp_path / d / "config.json").write_text("{}")
+    summary = merge_models(tmp_path / "base", [tmp_path / f"q{i}" for i in range(3)], tmp_path / "out", "ties",
+                           density=0.3, chunk_elems=97, progress=False)
+    merged = _state(tmp_path / "out")
+    spec = MergeSpec("ties", density=0.3)
+    for name, shape in shapes.items():
+        expected, _ = merge_tensor(spec, [m[name] for m in models], torch.zeros(shape))
+        assert torch.equal(merged[name], expected), name
+    # exactly floor(0.3 n) kept per model and tensor despite the ties: 360 of 1200 and 2 of 7
+    assert summary["fraction_trimmed"] == pytest.approx(1 - (360 + 2) / (1200 + 7))

@@ -109,6 +109,7 @@ def test_cli_bad_data_file_names_file_line_column(tiny_dirs, tmp_path, capsys):
     assert "wino.jsonl:1: answer '3' is out of range" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_lm_eval_backend_agrees_on_tiny_model(tiny_dirs):
     pytest.importorskip("lm_eval", reason="lm-eval is an optional benchmark dependency (pip install lm-eval)")
     from cairn.commands.eval import load_for_eval

@@ -146,3 +146,17 @@ def test_micro_batch_order_is_seeded_and_covers_epochs():
     flat = [i for b in a for i in b]
     assert sorted(flat[:10]) == list(range(10))  # the first epoch is a permutation
     assert len(flat) == 24
+
+
+def test_answer_only_loss_equals_stock_loss(char_tokenizer):
+    from cairn.train.loop import answer_only_loss
+
+    model = make_tiny_llama()
+    batch = collate([encode_example(char_tokenizer, ex, 32) for ex in EXAMPLES[:5]], char_tokenizer.pad_token_id)
+    stock = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    ours, _ = answer_only_loss(model, batch)
+    assert torch.allclose(ours, stock, atol=1e-6), (float(ours), float(stock))
+    # and under PEFT, where the output layer is reached through the wrapper
+    peft_model = add_lora_adapter(model, LoraConfig(r=2, alpha=4, dropout=0.0), 1, 0)
+    ours_peft, _ = answer_only_loss(peft_model, batch)
+    assert torch.allclose(ours_peft, stock, atol=1e-6)

@@ -100,9 +100,10 @@ class NLoRAConfig:
 @dataclass
 class MethodConfig:
     name: str = _help("Label of this method; its results go to <output_dir>/<name>.")
-    strategy: Literal["sequential", "joint"] = _help(
+    strategy: Literal["sequential", "joint", "one-round"] = _help(
         "sequential: one round per task, each from the previous round's model; "
-        "joint: all tasks at once, one round.",
+        "joint: all tasks at once, one round; one-round: each task trained from the base separately "
+        "(the seed paper's one-round models, the ingredients of merging and MoE mixing).",
         "sequential",
     )
     trainable: Literal["full", "lora"] = _help("full fine-tuning or LoRA (PEFT).", "lora")
@@ -112,12 +113,31 @@ class MethodConfig:
     olora: OLoRAConfig | None = _help("O-LoRA orthogonality loss (LoRA only).", None)
     nlora: NLoRAConfig | None = _help("N-LoRA sparsity loss (LoRA only).", None)
     training: dict[str, Any] = _help("Overrides of the experiment's training settings for this method.", factory=dict)
+    diagnostics: bool = _help("After the last round, compare the rounds' weight updates (collision, overlap, "
+                              "sparsity; see cairn.eval.diagnostics).", True)
+    diagnostics_threshold: float = _help("An update entry is significant if |x| > threshold * max|ΔW| of its module.",
+                                         0.01)
+
+
+@dataclass
+class OldKnowledgeConfig:
+    tasks: list[str] = _help("Old-knowledge suite tasks (see `cairn eval --help`).", factory=lambda: [
+        "mmlu", "arc_challenge", "commonsense_qa", "hellaswag", "openbookqa", "piqa", "winogrande"])
+    limit: int | None = _help("Questions per task (a seeded subsample; null: all).", 100)
+    data_dir: str | None = _help("Folder laid out like the data pack (old_knowledge/<task>/...); "
+                                 "null: $CAIRN_DATA, then the Hugging Face hub.", None)
+    when: Literal["every", "last", "none"] = _help("After every round, only after the last, or never "
+                                                   "(the base is always scored unless 'none').", "every")
+    batch_size: int = _help("Batch size of the log-likelihood scorer.", 16)
+    num_fewshot: int = _help("Few-shot examples (MMLU takes them from its dev split).", 0)
+    seed: int = _help("Seed of the subsample.", 1234)
 
 
 @dataclass
 class EvaluationConfig:
     batch_size: int = _help("Prompts per generation batch.", 16)
-    every_round: bool = _help("Evaluate all tasks after every round (else only the last).", True)
+    old_knowledge: OldKnowledgeConfig | None = _help("The old-knowledge suite (multiple-choice, "
+                                                     "lm-evaluation-harness definitions); null: off.", None)
 
 
 @dataclass

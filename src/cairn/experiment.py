@@ -58,6 +58,7 @@ class RoundRecord:
     scores: list[float]
     train: dict = field(default_factory=dict)
     eval_seconds: float = 0.0
+    old_knowledge: dict | None = None  # task -> {"primary", "primary_stderr", "primary_metric", ...}
 
 
 def _round_dir(method_dir: Path, k: int, label: str) -> Path:
@@ -111,14 +112,29 @@ class Runner:
         scores, preds = evaluate_tasks(model, self.tokenizer, self.tasks, self.cfg.evaluation.batch_size, self.progress)
         return scores, preds, time.perf_counter() - t0
 
+    def old_knowledge(self, model, last: bool) -> dict | None:
+        """The old-knowledge suite's scores, when configured for this row (the base counts as 'last')."""
+        ok = self.cfg.evaluation.old_knowledge
+        if ok is None or ok.when == "none" or (ok.when == "last" and not last):
+            return None
+        from cairn.eval.suites import evaluate_suite
+
+        data_dir = Path(ok.data_dir).expanduser() if ok.data_dir else None
+        scores = evaluate_suite(model, self.tokenizer, ok.tasks, data_dir=data_dir, limit=ok.limit, seed=ok.seed,
+                                batch_size=ok.batch_size, num_fewshot=ok.num_fewshot, progress=self.progress)
+        keep = ("primary", "primary_stderr", "primary_metric", "n")
+        return {task: {k: v for k, v in res.items() if k in keep} for task, res in scores.items()}
+
     def base_record(self, log: RunLog) -> RoundRecord:
         """The base model's scores, computed once per experiment and shared by every method."""
         path = self.out / "base"
         record = _read_round(path)
         if record is None:
             log(f"evaluating the base model {self.cfg.model} on {len(self.tasks)} tasks")
-            scores, preds, secs = self.evaluate(self.load_base())
-            record = RoundRecord(label="base", scores=scores, eval_seconds=secs)
+            base = self.load_base()
+            scores, preds, secs = self.evaluate(base)
+            record = RoundRecord(label="base", scores=scores, eval_seconds=secs,
+                                 old_knowledge=self.old_knowledge(base, last=True))
             _write_round(path, record, preds)
         return record
 
@@ -156,6 +172,8 @@ class Runner:
         rounds = [base]
         if method.strategy == "joint":
             plan = [("joint", list(range(len(self.tasks))))]
+        elif method.strategy == "one-round":
+            plan = [(f"only-{t.name}", [i]) for i, t in enumerate(self.tasks)]
         else:
             plan = [(t.name, [i]) for i, t in enumerate(self.tasks)]
 
@@ -167,7 +185,9 @@ class Runner:
             if done is not None:
                 rounds.append(done)
                 continue
-            if model is None or restored_upto != k - 1:
+            if method.strategy == "one-round":
+                model = self.load_base()  # every task from the base, independently
+            elif model is None or restored_upto != k - 1:
                 model = self.restore(method, mdir, plan, k - 1, log)
                 restored_upto = k - 1
             log(f"{method.name}: round {k}/{len(plan)} ({label})")
@@ -180,6 +200,9 @@ class Runner:
         return self.finish(method, mdir, rounds)
 
     # -- one round ---------------------------------------------------------------------------
+    def rounds_of(self, method: MethodConfig) -> int:
+        return 1 if method.strategy == "joint" else len(self.tasks)
+
     def round_examples(self, method: MethodConfig, k: int, task_ids: list[int]) -> tuple[list[dict], dict]:
         if len(task_ids) > 1:  # joint training
             from cairn.data.mixing import joint_mix
@@ -212,7 +235,9 @@ class Runner:
             f"({result.tokens_per_second:.0f} tokens/s)")
         model = self.save_artifact(method, model, k, rdir)
         scores, preds, secs = self.evaluate(model)
-        record = RoundRecord(label=label, scores=scores, eval_seconds=secs, train={
+        last = k == self.rounds_of(method)
+        record = RoundRecord(label=label, scores=scores, eval_seconds=secs,
+                             old_knowledge=self.old_knowledge(model, last), train={
             "steps": result.steps, "examples": len(examples), "tokens": result.tokens,
             "seconds": result.seconds, "tokens_per_second": result.tokens_per_second, "log": result.log})
         return model, record, preds
@@ -296,6 +321,25 @@ class Runner:
         return model
 
     # -- results -----------------------------------------------------------------------------
+    def diagnostics(self, method: MethodConfig, mdir: Path, rounds: list[RoundRecord]) -> dict:
+        """Pairwise collision / orthogonality and per-round sparsity of the rounds' updates."""
+        from cairn.eval.diagnostics import round_diagnostics
+        from cairn.eval.round_updates import adapter_updates, checkpoint_updates
+        from cairn.models import resolve_model_path
+
+        labels = [r.label for r in rounds[1:]]
+        dirs = [_round_dir(mdir, k, label) for k, label in enumerate(labels, start=1)]
+        if method.trainable == "lora":
+            pairs = [adapter_updates(d / "adapter" / trainable.adapter_name(k)) for k, d in enumerate(dirs, start=1)]
+            updates, a_factors = [p[0] for p in pairs], [p[1] for p in pairs]
+        else:
+            updates = checkpoint_updates([Path(resolve_model_path(self.cfg.model))] + [d / "model" for d in dirs])
+            a_factors = None
+        # Nuclear norms need an SVD of every module of every round: affordable for small models only.
+        small = sum(t.numel() for t in updates[0].values()) <= 50_000_000
+        return round_diagnostics(updates, threshold=method.diagnostics_threshold, a_factors=a_factors,
+                                 labels=labels, nuclear=small)
+
     def finish(self, method: MethodConfig, mdir: Path, rounds: list[RoundRecord]) -> dict:
         matrix = [r.scores for r in rounds]
         names = [t.name for t in self.tasks]
@@ -312,6 +356,11 @@ class Runner:
             "timing": {"train_seconds": train_s, "eval_seconds": sum(r.eval_seconds for r in rounds[1:]),
                        "train_tokens": tokens, "train_tokens_per_second": tokens / train_s if train_s else None},
         }
+        ok = old_knowledge_block(rounds)
+        if ok is not None:
+            results["old_knowledge"] = ok
+        if method.diagnostics and len(rounds) > 2:
+            results["diagnostics"] = self.diagnostics(method, mdir, rounds)
         buf = io.StringIO()
         writer = csv.writer(buf)
         writer.writerow(["after"] + names)
@@ -321,6 +370,20 @@ class Runner:
         atomic.write_text(mdir / "table.md", results_table(results))
         atomic.write_json(mdir / "results.json", results)  # last: marks the method complete
         return results
+
+
+def old_knowledge_block(rounds: list[RoundRecord]) -> dict | None:
+    """results.json's "old_knowledge": one row per round (null where the suite did not run)."""
+    scored = [r.old_knowledge for r in rounds if r.old_knowledge]
+    if not scored:
+        return None
+    tasks = list(scored[0])
+    return {
+        "tasks": tasks,
+        "metric": {t: scored[0][t]["primary_metric"] for t in tasks},
+        "matrix": [[r.old_knowledge[t]["primary"] if r.old_knowledge else None for t in tasks] for r in rounds],
+        "stderr": [[r.old_knowledge[t]["primary_stderr"] if r.old_knowledge else None for t in tasks] for r in rounds],
+    }
 
 
 def results_table(results: dict) -> str:

@@ -224,7 +224,7 @@ def threshold_mask(magnitudes: torch.Tensor, threshold: float, ties_left: int) -
     mask = magnitudes > threshold
     if ties_left > 0:
         equal = magnitudes == threshold
-        n_equal = int(equal.sum())
+        n_equal = int(torch.count_nonzero(equal))
         if n_equal:
             if n_equal > ties_left:
                 equal &= torch.cumsum(equal, dim=0) <= ties_left
@@ -272,63 +272,68 @@ def prune_random(delta: torch.Tensor, density: float, generator: torch.Generator
 # ---------------------------------------------------------------- consensus and combination
 
 
-def elect_sign(deltas: torch.Tensor, method: Literal["total", "frequency"] = "total") -> torch.Tensor:
+def elect_sign(deltas: torch.Tensor, method: Literal["total", "frequency"] = "total",
+               signs: torch.Tensor | None = None) -> torch.Tensor:
     """TIES sign election over the stacked deltas (models on dim 0): +1 or −1 per position.
 
     ``total`` (paper): sign of Σ_t τ̂_t. ``frequency`` (PEFT): sign of Σ_t sign(τ̂_t).
-    A zero total is elected +1.
+    A zero total is elected +1. ``signs`` may pass ``deltas.sign()`` when already computed.
     """
-    score = deltas.sum(dim=0) if method == "total" else deltas.sign().sum(dim=0)
+    if method == "total":
+        score = deltas.sum(dim=0)
+    else:
+        score = (deltas.sign() if signs is None else signs).sum(dim=0)
     return torch.where(score >= 0, 1.0, -1.0).to(deltas.dtype)
 
 
-def agreement_mask(deltas: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
-    """Which (model, position) entries are nonzero and share the elected sign."""
-    return deltas.sign() == sign.unsqueeze(0)
+def agreement_mask(deltas: torch.Tensor, sign: torch.Tensor, signs: torch.Tensor | None = None) -> torch.Tensor:
+    """Which (model, position) entries are nonzero and share the elected sign (zeros never agree)."""
+    return (deltas.sign() if signs is None else signs) == sign.unsqueeze(0)
 
 
-def disjoint_merge(
-    deltas: torch.Tensor, agree: torch.Tensor, weights: torch.Tensor, divide_by: Literal["count", "weight"] = "count"
-) -> torch.Tensor:
+def disjoint_merge(deltas: torch.Tensor, agree: torch.Tensor, weights: torch.Tensor | None = None,
+                   divide_by: Literal["count", "weight"] = "count") -> torch.Tensor:
     """TIES disjoint mean: Σ_{t∈A} w_t τ̂_t divided by |A| (``count``) or by Σ_{t∈A} w_t (``weight``).
 
-    Positions where no model agrees (all trimmed) get 0. ``weights`` has one entry per model.
+    Positions where no model agrees (all trimmed) get 0. ``weights`` has one entry per model
+    (None: all 1, which skips the multiplications).
     """
-    w = weights.reshape((-1,) + (1,) * (deltas.dim() - 1)).to(deltas.dtype)
     agree_f = agree.to(deltas.dtype)
+    if weights is None:
+        return (deltas * agree_f).sum(dim=0) / agree_f.sum(dim=0).clamp_(min=1.0)
+    w = weights.reshape((-1,) + (1,) * (deltas.dim() - 1)).to(deltas.dtype)
     total = (deltas * w * agree_f).sum(dim=0)
     divisor = agree_f.sum(dim=0) if divide_by == "count" else (w * agree_f).sum(dim=0)
-    divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
-    return total / divisor
+    return total / divisor.masked_fill_(divisor == 0, 1.0)
 
 
 def combine_deltas(
     deltas: torch.Tensor, weights: Sequence[float], consensus: str = "none", weight_order: WeightOrder = "paper"
 ) -> tuple[torch.Tensor, MergeStats]:
-    """Steps 3 of the module docstring on already-sparsified, stacked deltas (models on dim 0).
+    """Step 3 of the module docstring on already-sparsified, stacked deltas (models on dim 0).
 
     Elementwise over positions, so the streamed merge may call it chunk by chunk.
-    Returns τ_m (before λ) and the sign-election counters.
+    Returns τ_m (before λ) and the sign-election counters. A nonzero entry disagrees with the
+    elected sign exactly when its position holds both signs, so "conflicts" counts positions with a
+    disagreeing entry and "removed" counts those entries.
     """
     stats = MergeStats()
-    w = torch.tensor(list(weights), dtype=deltas.dtype)
+    unit = all(x == 1.0 for x in weights)
+    w = None if unit else torch.tensor(list(weights), dtype=deltas.dtype)
     if consensus == "none":
+        if w is None:
+            return deltas.sum(dim=0), stats
         return (deltas * w.reshape((-1,) + (1,) * (deltas.dim() - 1))).sum(dim=0), stats
     method = "total" if consensus == "sign_total" else "frequency"
-    if weight_order == "mergekit":
-        weighted = deltas * w.reshape((-1,) + (1,) * (deltas.dim() - 1))
-        sign = elect_sign(weighted, method)
-        agree = agreement_mask(weighted, sign)
-        merged = disjoint_merge(deltas, agree, w, divide_by="weight")
-    else:
-        sign = elect_sign(deltas, method)
-        agree = agreement_mask(deltas, sign)
-        merged = disjoint_merge(deltas, agree, w, divide_by="count")
-    nonzero = deltas != 0
-    positive = (deltas > 0).any(dim=0)
-    negative = (deltas < 0).any(dim=0)
-    stats.sign_conflicts = int((positive & negative).sum())
-    stats.election_removed = int((nonzero & ~agree).sum())
+    # mergekit order: the weighted deltas vote; paper order: the unweighted ones do.
+    voters = deltas if w is None or weight_order == "paper" else deltas * w.reshape((-1,) + (1,) * (deltas.dim() - 1))
+    signs = voters.sign()
+    sign = elect_sign(voters, method, signs)
+    agree = agreement_mask(voters, sign, signs)
+    merged = disjoint_merge(deltas, agree, w, divide_by="count" if weight_order == "paper" else "weight")
+    disagree = signs == -sign.unsqueeze(0)
+    stats.election_removed = int(torch.count_nonzero(disagree))
+    stats.sign_conflicts = int(torch.count_nonzero(disagree.any(dim=0)))
     return merged, stats
 
 
@@ -374,11 +379,11 @@ def generalized_merge(
         delta = tensor.to(dtype) - base.to(dtype) if base is not None else tensor.to(dtype)
         if sparsify == "magnitude":
             mask = magnitude_mask(delta, density)
-            stats.trimmed += int((~mask).sum())
+            stats.trimmed += mask.numel() - int(torch.count_nonzero(mask))
             delta = delta * mask
         elif sparsify == "random":
             mask = random_mask(delta.shape, density, None if generators is None else generators[t])
-            stats.dropped += int((~mask).sum())
+            stats.dropped += mask.numel() - int(torch.count_nonzero(mask))
             delta = delta * mask / density
         deltas.append(delta)
     merged, election = combine_deltas(torch.stack(deltas), w, consensus, weight_order)

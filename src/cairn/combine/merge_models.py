@@ -404,7 +404,7 @@ class _StreamMerge:
         self.stats.positions += refs[0].numel
         self.stats.entries += refs[0].numel * len(refs)
 
-    def _thresholds(self, base_ref: TensorRef, refs: list[TensorRef]) -> list[tuple[float, int]]:
+    def _thresholds(self, base_ref: TensorRef, refs: list[TensorRef]) -> list[tuple[float, int, bool]]:
         """Pass 1 of TIES trimming: per model, the k-th largest |τ_t| and the ties it may keep."""
         n = base_ref.numel
         k = keep_count(n, self.spec.density)
@@ -415,13 +415,15 @@ class _StreamMerge:
             for start, count in self._ranges(n):
                 base_c = self.reader.read(base_ref, start, count).to(torch.float32)
                 delta = self.reader.read(ref, start, count).to(torch.float32) - base_c
-                sq += float(delta.square().sum())
+                sq += float(torch.dot(delta, delta))
                 if t == 0:
-                    self.base_sq_tensor += float(base_c.square().sum())
+                    self.base_sq_tensor += float(torch.dot(base_c, base_c))
                 torch.from_numpy(magnitudes[start:start + count]).copy_(delta.abs_())
             self.delta_sq_tensor[t] = sq
             threshold, n_above = trim_threshold(magnitudes, k)
-            out.append((threshold, k - n_above))
+            # When every entry equal to the threshold is kept (the usual case), `>=` alone is exact.
+            all_ties_kept = k >= n or int(np.count_nonzero(magnitudes == threshold)) <= k - n_above
+            out.append((threshold, k - n_above, all_ties_kept))
         return out
 
     def _generalized(self, name: str, base_ref: TensorRef, refs: list[TensorRef], out_dtype: torch.dtype) -> None:
@@ -439,16 +441,19 @@ class _StreamMerge:
             deltas = torch.stack([self.reader.read(r, start, count).to(torch.float32) for r in refs])
             deltas -= base_c
             if not magnitude:
-                self.delta_sq_tensor = [a + float(d.square().sum()) for a, d in zip(self.delta_sq_tensor, deltas)]
-                self.base_sq_tensor += float(base_c.square().sum())
+                self.delta_sq_tensor = [a + float(torch.dot(d, d)) for a, d in zip(self.delta_sq_tensor, deltas)]
+                self.base_sq_tensor += float(torch.dot(base_c, base_c))
             for t in range(k):
                 if magnitude:
-                    mask, ties_left[t] = threshold_mask(deltas[t].abs(), thresholds[t][0], ties_left[t])
-                    self.stats.trimmed += count - int(mask.sum())
+                    if thresholds[t][2]:
+                        mask = deltas[t].abs() >= thresholds[t][0]
+                    else:
+                        mask, ties_left[t] = threshold_mask(deltas[t].abs(), thresholds[t][0], ties_left[t])
+                    self.stats.trimmed += count - int(torch.count_nonzero(mask))
                     deltas[t] *= mask
                 elif spec.sparsify == "random":
                     mask = random_mask((count,), spec.density, gens[t])
-                    self.stats.dropped += count - int(mask.sum())
+                    self.stats.dropped += count - int(torch.count_nonzero(mask))
                     deltas[t] *= mask
                     deltas[t] /= spec.density
             merged, election = combine_deltas(deltas, self.weights, spec.consensus, spec.weight_order)

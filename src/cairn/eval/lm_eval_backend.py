@@ -112,8 +112,8 @@ def write_local_tasks(out_dir: Path, tasks: Sequence[str], data_dir: Path | None
             "validation_split": None,
             "training_split": None,
             "num_fewshot": num_fewshot,
+            "tag": [],  # do not re-register lm-eval's groups (ai2_arc, ...) under our copies
         }
-        cfg.pop("tag", None)
         if spec.fewshot_local and num_fewshot:
             fs_source, fs_rows = suites._fewshot_rows(spec, data_dir)
             fs_file = out_dir / f"{name}.fewshot.jsonl"
