@@ -16,7 +16,6 @@ accuracy within 0.1 point.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

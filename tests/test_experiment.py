@@ -123,3 +123,36 @@ def test_old_knowledge_suite_joins_the_results(tmp_path, tiny_model_dir):
     assert ok["matrix"][1] == [None]  # 'last': round 1 of 2 is not scored
     assert all(0.0 <= row[0] <= 1.0 for row in (ok["matrix"][0], ok["matrix"][2]))
     assert ok["stderr"][2][0] is not None
+
+
+def test_one_round_models_merged_and_evaluated(tmp_path, tiny_model_dir):
+    cfg = config_from_dict({
+        "name": "t", "model": str(tiny_model_dir),
+        "tasks": [{"name": t, "format": "demo", "path": t, "entities": 2, "max_new_tokens": 4}
+                  for t in ("zoology", "geography")],
+        "methods": [{"name": "one-fft", "strategy": "one-round", "trainable": "full"},
+                    {"name": "one-lora", "strategy": "one-round", "trainable": "lora", "lora": {"r": 2, "alpha": 4}}],
+        "combine": [{"name": "avg", "kind": "merge", "source": "one-fft", "method": "linear"},
+                    {"name": "ties-lora", "kind": "merge", "source": "one-lora", "method": "ties",
+                     "params": {"density": 0.5}},
+                    {"name": "ties-svd", "kind": "merge", "source": "one-lora", "method": "ties",
+                     "lora_mode": "svd", "rank": 2, "params": {"density": 0.5}}],
+        "training": FAST, "evaluation": {"batch_size": 8},
+    })
+    out = run_experiment(cfg, tmp_path / "exp", progress=False)
+    assert set(out["status"].values()) == {"ok"}, out["status"]
+    one = json.loads((tmp_path / "exp/one-fft/results.json").read_text())
+    assert one["rows"] == ["base", "only-zoology", "only-geography"] and one["figures"]["curriculum"] is False
+    for name in ("avg", "ties-lora", "ties-svd"):
+        res = json.loads((tmp_path / "exp" / name / "results.json").read_text())
+        assert res["rows"] == ["base", name] and len(res["matrix"][1]) == 2
+    assert (tmp_path / "exp/avg/rounds/01-avg/merged/config.json").is_file()
+
+
+def test_combine_requires_one_round_source(tmp_path, tiny_model_dir):
+    from cairn.errors import CairnError
+
+    with pytest.raises(CairnError, match="must have `strategy: one-round`"):
+        _cfg_dict = {"name": "t", "model": "m", "tasks": [{"name": "z", "format": "demo"}],
+                     "methods": [{"name": "seq"}], "combine": [{"name": "c", "source": "seq"}]}
+        config_from_dict(_cfg_dict)

@@ -147,3 +147,20 @@ def test_builtin_model_on_data_pack(tmp_path):
     assert res["arc_easy"]["n"] == 10 and res["piqa"]["n"] == 10
     # a working 135M model is above chance on ARC-Easy's and PIQA's easy questions; a broken scorer is not
     assert res["arc_easy"]["acc"] + res["piqa"]["acc"] > 0.5 + 0.25
+
+
+def test_gsm8k_generation_path_on_tiny_model(tiny_dirs, tmp_path):
+    from cairn.commands.eval import load_for_eval
+    from cairn.eval.suites import evaluate_suite
+
+    model_dir, _, _ = tiny_dirs
+    data = tmp_path / "gsm8k" / "test.jsonl"
+    _jsonl(data, [{"question": "the fox and the dog?", "answer": "one\n#### 1"},
+                  {"question": "the quick brown fox?", "answer": "#### 2"}])
+    model, tok, _, _ = load_for_eval(str(model_dir), device="cpu")
+    res = evaluate_suite(model, tok, ["gsm8k"], tmp_path, max_gen_toks=4, progress=False, return_details=True)["gsm8k"]
+    assert res["n"] == 2 and res["primary_metric"] == "exact_match_flexible"
+    for d in res["details"]:  # the extraction is applied to what was generated
+        assert d["strict"] == "[invalid]" or d["strict"] in d["output"]
+        assert isinstance(d["output"], str)
+    assert 0.0 <= res["exact_match_flexible"] <= 1.0

@@ -16,7 +16,7 @@ from cairn import __version__
 from cairn.errors import CairnError
 
 # Order is the order shown by ``cairn --help``.
-COMMAND_MODULES = ["demo", "run", "train", "merge", "mix", "eval", "report", "models"]
+COMMAND_MODULES = ["demo", "run", "merge", "mix", "eval", "report", "models"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -120,6 +120,25 @@ class MethodConfig:
 
 
 @dataclass
+class CombineConfig:
+    name: str = _help("Label of this combined model; its results go to <output_dir>/<name>.")
+    source: str = _help("A method of this experiment with strategy one-round: its round artifacts "
+                        "(one model or adapter per task, each trained from the base) are the ingredients.")
+    kind: Literal["merge", "moe"] = _help("merge: one model from the ingredients' weights; moe: a mixture "
+                                          "of experts built from them.", "merge")
+    method: str = _help("merge: linear (average), task_arithmetic, ties, dare, dare_ties.", "ties")
+    params: dict[str, Any] = _help("Method parameters: merge: weights, density, lam, sign_method, weight_order, "
+                                   "seed; moe: top_k, router_init, normalisation, ...", factory=dict)
+    lora_mode: Literal["per_factor", "svd", "full"] = _help(
+        "LoRA ingredients: per_factor merges A's and B's separately (PEFT add_weighted_adapter, the seed "
+        "paper); svd merges ΔW=B·A and re-factorises; full writes a merged full model.", "per_factor")
+    rank: int | None = _help("Rank of the re-factorised adapter (lora_mode: svd).", None)
+    router_training: dict[str, Any] | None = _help("moe: train only the routers on the tasks' training data "
+                                                   "(training settings overrides; null: no router training).", None)
+    router_examples: int = _help("moe: router training examples taken from each task (seeded).", 16)
+
+
+@dataclass
 class OldKnowledgeConfig:
     tasks: list[str] = _help("Old-knowledge suite tasks (see `cairn eval --help`).", factory=lambda: [
         "mmlu", "arc_challenge", "commonsense_qa", "hellaswag", "openbookqa", "piqa", "winogrande"])
@@ -152,6 +171,8 @@ class ExperimentConfig:
     dtype: Literal["float32", "bfloat16"] = _help("Dtype the model weights are loaded in.", "float32")
     training: TrainingConfig = _help("Training settings shared by all methods.", factory=TrainingConfig)
     evaluation: EvaluationConfig = _help("Evaluation settings.", factory=EvaluationConfig)
+    combine: list[CombineConfig] = _help("Combiners run after the methods: merges and mixtures of a "
+                                         "one-round method's artifacts, evaluated like a round.", factory=list)
 
     def training_for(self, method: MethodConfig) -> TrainingConfig:
         """The experiment's training settings with the method's overrides applied (validated)."""
@@ -304,6 +325,17 @@ def validate(cfg: ExperimentConfig, source: str) -> None:
             raise CairnError(f"{source}: task {task.name!r} has no metric; add e.g. `metric: exact_match`")
         if task.format != "demo" and not task.path:
             raise CairnError(f"{source}: task {task.name!r} has no path")
+    by_name = {m.name: m for m in cfg.methods}
+    for comb in cfg.combine:
+        if comb.name in by_name or [c.name for c in cfg.combine].count(comb.name) > 1:
+            raise CairnError(f"{source}: combine step name {comb.name!r} is already used; names must be unique")
+        src = by_name.get(comb.source)
+        if src is None:
+            raise CairnError(f"{source}: combine step {comb.name!r}: source {comb.source!r} is not a method of this "
+                             f"experiment (methods: {', '.join(by_name)})")
+        if src.strategy != "one-round":
+            raise CairnError(f"{source}: combine step {comb.name!r}: source method {comb.source!r} must have "
+                             f"`strategy: one-round` (each ingredient trained from the base), not {src.strategy!r}")
     for method in cfg.methods:
         cfg.training_for(method)  # validates the overrides
         if method.trainable == "full" and (method.olora or method.nlora):

@@ -157,8 +157,22 @@ class Runner:
             except Exception as exc:  # keep the other methods' results; the traceback goes to the log
                 status[method.name] = f"failed: {type(exc).__name__}: {exc}"
                 mlog(f"method {method.name} crashed:\n{traceback.format_exc()}")
-        atomic.write_json(self.out / "experiment.json",
-                          {"name": self.cfg.name, "methods": [m.name for m in self.cfg.methods], "status": status})
+        for comb in self.cfg.combine:
+            clog = RunLog(self.out / comb.name / "log.txt", self.echo)
+            if status.get(comb.source) != "ok":
+                status[comb.name] = f"failed: its source method {comb.source!r} did not finish"
+                continue
+            try:
+                results[comb.name] = self.run_combiner(comb, base, clog)
+                status[comb.name] = "ok"
+            except CairnError as exc:
+                status[comb.name] = f"failed: {exc}"
+                clog(f"combine step {comb.name} failed: {exc}")
+            except Exception as exc:
+                status[comb.name] = f"failed: {type(exc).__name__}: {exc}"
+                clog(f"combine step {comb.name} crashed:\n{traceback.format_exc()}")
+        names = [m.name for m in self.cfg.methods] + [c.name for c in self.cfg.combine]
+        atomic.write_json(self.out / "experiment.json", {"name": self.cfg.name, "methods": names, "status": status})
         return {"status": status, "results": results}
 
     def run_method(self, method: MethodConfig, base: RoundRecord, log: RunLog) -> dict:
@@ -319,6 +333,77 @@ class Runner:
         for p in model.parameters():
             p.requires_grad_(False)
         return model
+
+    # -- combiners ---------------------------------------------------------------------------
+    def ingredients(self, method: MethodConfig) -> list[Path]:
+        """The one-round artifacts of ``method``, in task order (models or PEFT adapter folders)."""
+        mdir = self.out / method.name
+        paths = []
+        for k, task in enumerate(self.tasks, start=1):
+            rdir = _round_dir(mdir, k, f"only-{task.name}")
+            path = rdir / "adapter" / trainable.adapter_name(k) if method.trainable == "lora" else rdir / "model"
+            if not path.is_dir():
+                raise CairnError(f"ingredient {path} is missing; rerun method {method.name!r}")
+            paths.append(path)
+        return paths
+
+    def run_combiner(self, comb, base: RoundRecord, log: RunLog) -> dict:
+        cdir = self.out / comb.name
+        final = cdir / "results.json"
+        if final.is_file():
+            return json.loads(final.read_text())
+        source = next(m for m in self.cfg.methods if m.name == comb.source)
+        paths = self.ingredients(source)
+        rdir = _round_dir(cdir, 1, comb.name)
+        record = _read_round(rdir)
+        if record is None:
+            log(f"{comb.name}: {comb.kind} of {len(paths)} {source.trainable} ingredients from {source.name}")
+            t0 = time.perf_counter()
+            model, stats = self.build_combined(comb, source, paths, rdir, log)
+            build_s = time.perf_counter() - t0
+            scores, preds, secs = self.evaluate(model)
+            record = RoundRecord(label=comb.name, scores=scores, eval_seconds=secs,
+                                 old_knowledge=self.old_knowledge(model, last=True),
+                                 train={"build_seconds": build_s, "stats": stats})
+            _write_round(rdir, record, preds)
+            log(f"{comb.name}: " + ", ".join(f"{t.name}={s:.3f}" for t, s in zip(self.tasks, record.scores)))
+        method_like = MethodConfig(name=comb.name, diagnostics=False)
+        results = self.finish(method_like, cdir, [base, record])
+        results["method"] = f"{comb.kind}:{comb.method if comb.kind == 'merge' else 'moe'}"
+        atomic.write_json(final, results)
+        return results
+
+    def build_combined(self, comb, source: MethodConfig, paths: list[Path], rdir: Path, log: RunLog):
+        """Write the combined artifact under ``rdir`` and return (model to evaluate, statistics)."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from cairn.models import resolve_model_path
+
+        base_path = resolve_model_path(self.cfg.model)
+        dtype = getattr(torch, self.cfg.dtype)
+        if comb.kind == "merge":
+            art = rdir / "merged"
+            if source.trainable == "full":
+                from cairn.combine.merge_models import merge_models
+
+                stats = merge_models(base_path, paths, art, comb.method, overwrite=True, progress=self.progress,
+                                     **comb.params)
+                return AutoModelForCausalLM.from_pretrained(art, dtype=dtype).eval(), stats
+            from cairn.combine.merge_lora import merge_adapters
+
+            stats = merge_adapters(paths, art, comb.method, mode=comb.lora_mode, rank=comb.rank, base=base_path,
+                                   overwrite=True, progress=self.progress, **comb.params)
+            if comb.lora_mode == "full":
+                return AutoModelForCausalLM.from_pretrained(art, dtype=dtype).eval(), stats
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(self.load_base(), str(art))
+            return trainable.merge_adapters(model).eval(), stats
+        return self.build_moe(comb, source, paths, rdir, log)
+
+    def build_moe(self, comb, source: MethodConfig, paths: list[Path], rdir: Path, log: RunLog):
+        raise CairnError("MoE mixing is not available in this version")
 
     # -- results -----------------------------------------------------------------------------
     def diagnostics(self, method: MethodConfig, mdir: Path, rounds: list[RoundRecord]) -> dict:
