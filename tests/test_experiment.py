@@ -156,3 +156,29 @@ def test_combine_requires_one_round_source(tmp_path, tiny_model_dir):
         _cfg_dict = {"name": "t", "model": "m", "tasks": [{"name": "z", "format": "demo"}],
                      "methods": [{"name": "seq"}], "combine": [{"name": "c", "source": "seq"}]}
         config_from_dict(_cfg_dict)
+
+
+def test_moe_mixing_of_one_round_models_with_router_training(tmp_path, tiny_model_dir):
+    cfg = config_from_dict({
+        "name": "t", "model": str(tiny_model_dir),
+        "tasks": [{"name": t, "format": "demo", "path": t, "entities": 2, "max_new_tokens": 4}
+                  for t in ("zoology", "geography")],
+        "methods": [{"name": "one-fft", "strategy": "one-round", "trainable": "full"},
+                    {"name": "one-lora", "strategy": "one-round", "trainable": "lora", "lora": {"r": 2, "alpha": 4}}],
+        "combine": [{"name": "moe-fft", "kind": "moe", "source": "one-fft", "params": {"top_k": 2},
+                     "router_training": {"max_steps": 2}},
+                    {"name": "moe-lora", "kind": "moe", "source": "one-lora",
+                     "params": {"top_k": 1, "router_init": "prompts"}, "router_training": {"max_steps": 2}}],
+        "training": FAST, "evaluation": {"batch_size": 8},
+    })
+    out = run_experiment(cfg, tmp_path / "exp", progress=False)
+    assert set(out["status"].values()) == {"ok"}, out["status"]
+    for name in ("moe-fft", "moe-lora"):
+        rec = json.loads((tmp_path / "exp" / name / "rounds" / f"01-{name}" / "round.json").read_text())
+        assert rec["train"]["stats"]["router_training"]["steps"] == 2
+        assert "router_aux" in rec["train"]["stats"]["router_training"]["log"][-1]
+    from transformers import AutoModelForCausalLM
+
+    moe = AutoModelForCausalLM.from_pretrained(tmp_path / "exp/moe-fft/rounds/01-moe-fft/moe")
+    assert type(moe).__name__ == "MixtralForCausalLM"
+    assert (tmp_path / "exp/moe-lora/rounds/01-moe-lora/lora-moe/experts").is_dir()

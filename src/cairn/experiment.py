@@ -402,8 +402,72 @@ class Runner:
             return trainable.merge_adapters(model).eval(), stats
         return self.build_moe(comb, source, paths, rdir, log)
 
+    def router_examples(self, comb, split: str = "eval") -> list[list[dict]]:
+        """A small router set per expert: seeded examples of each task's ``eval`` split (else train).
+
+        The seed paper's point is that routers need not see the experts' training data; the demo
+        tasks' eval split uses a phrasing that no expert was trained on.
+        """
+        import random
+
+        per_task = []
+        for i, task in enumerate(self.tasks):
+            rows = task.splits.get(split) or task.train
+            rng = random.Random(f"{self.cfg.seed}-router-{i}")
+            per_task.append(rng.sample(rows, min(comb.router_examples, len(rows))))
+        return per_task
+
     def build_moe(self, comb, source: MethodConfig, paths: list[Path], rdir: Path, log: RunLog):
-        raise CairnError("MoE mixing is not available in this version")
+        """MoE mixing (moetify, Lee et al. 2024, arXiv 2408.17280), routers optionally trained."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from cairn.combine.router_training import (LoRAMoEAuxLoss, MixtralAuxLoss, freeze_all_but_routers,
+                                                   require_router_data)
+        from cairn.models import resolve_model_path
+
+        params = dict(comb.params)
+        aux_coef = float(params.pop("aux_loss_coef", 0.01))
+        router_sets = self.router_examples(comb)
+        prompts = [[ex["prompt"] for ex in rows] for rows in router_sets]
+        if source.trainable == "full":
+            from cairn.combine.moe_fft import build_fft_moe
+
+            art = rdir / "moe"
+            stats = build_fft_moe(resolve_model_path(self.cfg.model), paths, art, router_prompts=prompts,
+                                  overwrite=True, tokenizer=self.tokenizer, seed=self.cfg.seed, **params)
+            model = AutoModelForCausalLM.from_pretrained(art, dtype=getattr(torch, self.cfg.dtype))
+            parts = [MixtralAuxLoss(aux_coef)]
+            MixtralAuxLoss.prepare(model)
+        else:
+            from cairn.combine.moe_lora import build_lora_moe, mixture_info, save_lora_moe
+
+            model = build_lora_moe(self.load_base(), paths, tokenizer=self.tokenizer, router_prompts=prompts,
+                                   seed=self.cfg.seed, **params)
+            stats = mixture_info(model)
+            parts = [LoRAMoEAuxLoss(aux_coef)]
+        if comb.router_training is not None:
+            examples = [ex for rows in router_sets for ex in rows]
+            require_router_data(examples)
+            freeze_all_but_routers(model)
+            tcfg = self.cfg.training_for(MethodConfig(name=comb.name, training=comb.router_training))
+            result = train(model, self.tokenizer, examples, tcfg, seed=self.cfg.seed,
+                           checkpoint_dir=self.out / comb.name / "checkpoints" / "routers", loss_parts=parts,
+                           log=log, progress=self.progress)
+            stats = dict(stats) | {"router_training": {"steps": result.steps, "examples": len(examples),
+                                                       "seconds": result.seconds, "log": result.log}}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if source.trainable == "full":
+            # Router logits are only needed for the aux loss; with a KV cache they break generation.
+            model.config.output_router_logits = False
+            if comb.router_training is not None:
+                with atomic.atomic_dir(rdir / "moe", overwrite=True) as tmp:
+                    model.save_pretrained(tmp, safe_serialization=True)
+                    self.tokenizer.save_pretrained(tmp)
+        else:
+            save_lora_moe(model, rdir / "lora-moe", overwrite=True)
+        return model.eval(), stats
 
     # -- results -----------------------------------------------------------------------------
     def diagnostics(self, method: MethodConfig, mdir: Path, rounds: list[RoundRecord]) -> dict:

@@ -45,7 +45,7 @@ from cairn import atomic
 from cairn.combine.merge_fns import MergeSpec, MergeStats, combine_deltas, keep_count, random_mask, threshold_mask, trim_threshold
 from cairn.errors import CairnError
 
-DEFAULT_CHUNK_ELEMS = 1 << 22  # 4M entries: 16 MiB per model per chunk in float32
+DEFAULT_CHUNK_ELEMS = 1 << 20  # 1M entries: 4 MiB per model per chunk in float32; keeps the working set small
 DEFAULT_SHARD_BYTES = 5 * 1024**3  # what save_pretrained uses
 
 ST_DTYPES: dict[str, torch.dtype] = {
