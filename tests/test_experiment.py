@@ -182,3 +182,25 @@ def test_moe_mixing_of_one_round_models_with_router_training(tmp_path, tiny_mode
     moe = AutoModelForCausalLM.from_pretrained(tmp_path / "exp/moe-fft/rounds/01-moe-fft/moe")
     assert type(moe).__name__ == "MixtralForCausalLM"
     assert (tmp_path / "exp/moe-lora/rounds/01-moe-lora/lora-moe/experts").is_dir()
+
+
+def test_loramoe_method_logs_balance_loss_and_resumes(tmp_path, tiny_model_dir):
+    cfg = config_from_dict({
+        "name": "t", "model": str(tiny_model_dir),
+        "tasks": [{"name": "zoology", "format": "demo", "path": "zoology", "entities": 2, "max_new_tokens": 4,
+                   "world_knowledge": True},
+                  {"name": "geography", "format": "demo", "path": "geography", "entities": 2, "max_new_tokens": 4}],
+        "methods": [{"name": "loramoe", "trainable": "loramoe",
+                     "loramoe": {"experts": 4, "rank": 2, "beta": 0.5, "delta": 0.2}}],
+        "training": FAST, "evaluation": {"batch_size": 8},
+    })
+    exp = tmp_path / "exp"
+    out = run_experiment(cfg, exp, progress=False)
+    assert out["status"] == {"loramoe": "ok"}, out["status"]
+    rec = json.loads((exp / "loramoe/rounds/02-geography/round.json").read_text())
+    assert rec["train"]["log"][-1]["loramoe_balance"] > 0
+    # resume from the saved mixture: rerunning round 2 restores round 1's experts
+    (exp / "loramoe" / "results.json").unlink()
+    (exp / "loramoe" / "rounds" / "02-geography" / "round.json").unlink()
+    again = run_experiment(cfg, exp, progress=False)["results"]["loramoe"]
+    assert again["matrix"] == out["results"]["loramoe"]["matrix"]

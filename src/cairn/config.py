@@ -98,6 +98,17 @@ class NLoRAConfig:
 
 
 @dataclass
+class LoRAMoEConfig:
+    experts: int = _help("LoRA experts per MLP linear.", 8)
+    rank: int = _help("Rank of each expert.", 4)
+    alpha: float = _help("LoRA alpha of each expert.", 32.0)
+    dropout: float = _help("Dropout on the experts' input.", 0.05)
+    top_k: int | None = _help("Route each token to its top-k experts (null: dense softmax, the paper).", None)
+    beta: float = _help("Weight of the localized balancing constraint.", 0.1)
+    delta: float = _help("Importance up/down-weighting of the matching/other half of the experts.", 0.1)
+
+
+@dataclass
 class MethodConfig:
     name: str = _help("Label of this method; its results go to <output_dir>/<name>.")
     strategy: Literal["sequential", "joint", "one-round"] = _help(
@@ -106,10 +117,13 @@ class MethodConfig:
         "(the seed paper's one-round models, the ingredients of merging and MoE mixing).",
         "sequential",
     )
-    trainable: Literal["full", "lora"] = _help("full fine-tuning or LoRA (PEFT).", "lora")
+    trainable: Literal["full", "lora", "loramoe"] = _help(
+        "full fine-tuning, LoRA (PEFT), or LoRAMoE (LoRA experts + router on the MLPs, backbone frozen; "
+        "the experts persist and keep training across rounds).", "lora")
     lora: LoraConfig = _help("LoRA settings (trainable: lora).", factory=LoraConfig)
     replay: float = _help("Fraction of the round's size replayed from each earlier task (0: off).", 0.0)
     joint_upsample: bool = _help("Joint training: upsample so every task is equally likely.", True)
+    loramoe: LoRAMoEConfig = _help("LoRAMoE settings (trainable: loramoe).", factory=LoRAMoEConfig)
     olora: OLoRAConfig | None = _help("O-LoRA orthogonality loss (LoRA only).", None)
     nlora: NLoRAConfig | None = _help("N-LoRA sparsity loss (LoRA only).", None)
     training: dict[str, Any] = _help("Overrides of the experiment's training settings for this method.", factory=dict)
@@ -338,9 +352,10 @@ def validate(cfg: ExperimentConfig, source: str) -> None:
                              f"`strategy: one-round` (each ingredient trained from the base), not {src.strategy!r}")
     for method in cfg.methods:
         cfg.training_for(method)  # validates the overrides
-        if method.trainable == "full" and (method.olora or method.nlora):
+        if method.trainable != "lora" and (method.olora or method.nlora):
             which = "O-LoRA" if method.olora else "N-LoRA"
-            raise CairnError(f"{source}: method {method.name!r}: {which} constrains LoRA adapters; "
+            raise CairnError(f"{source}: method {method.name!r}: {which} constrains LoRA adapters, not "
+                             f"trainable: {method.trainable}; "
                              f"set `trainable: lora` or drop `{'olora' if method.olora else 'nlora'}`")
         if not 0.0 <= method.replay <= 1.0:
             raise CairnError(f"{source}: method {method.name!r}: replay must be in [0, 1], got {method.replay}")

@@ -236,6 +236,19 @@ class Runner:
     def train_round(self, method, tcfg, model, k, label, task_ids, rdir: Path, log: RunLog):
         if method.trainable == "lora":
             model = trainable.add_lora_adapter(model, method.lora, k, self.cfg.seed)
+        elif method.trainable == "loramoe":
+            from cairn.combine.moe_lora import lora_moe_layers
+            from cairn.methods.loramoe import apply_loramoe
+
+            if not lora_moe_layers(model):  # the experts are added once and keep learning every round
+                m = method.loramoe
+                model = apply_loramoe(model, num_experts=m.experts, rank=m.rank, alpha=m.alpha, dropout=m.dropout,
+                                      top_k=m.top_k, seed=self.cfg.seed)
+            for p in model.parameters():
+                p.requires_grad_(False)
+            for layer in lora_moe_layers(model).values():  # experts and routers train, the backbone never
+                for p in (layer.lora_A, layer.lora_B, layer.router.weight):
+                    p.requires_grad_(True)
         else:
             model = trainable.make_full_trainable(model)
         examples, data_record = self.round_examples(method, k, task_ids)
@@ -274,6 +287,10 @@ class Runner:
                         prev.update(load_A_store(path))
             parts.append(OLoRALoss(prev, lambda_for_round(method.olora.lambda1, k - 1, "O-LoRA lambda1"),
                                    method.olora.lambda2, adapter_name=name))
+        if method.trainable == "loramoe":
+            from cairn.methods.loramoe import LoRAMoELoss
+
+            parts.append(LoRAMoELoss(beta=method.loramoe.beta, delta=method.loramoe.delta))
         if method.nlora is not None:
             from cairn.methods.lambdas import lambda_for_round
             from cairn.methods.nlora import NLoRALoss
@@ -295,6 +312,13 @@ class Runner:
             for p in model.parameters():
                 p.requires_grad_(False)
             return model
+        if method.trainable == "loramoe":
+            from cairn.combine.moe_lora import save_lora_moe
+
+            save_lora_moe(model, rdir / "loramoe", overwrite=True)
+            for p in model.parameters():
+                p.requires_grad_(False)
+            return model
         with atomic.atomic_dir(rdir / "model", overwrite=True) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
@@ -307,6 +331,13 @@ class Runner:
         if upto == 0:
             return self.load_base()
         log(f"{method.name}: restoring the model after round {upto} from its artifacts")
+        if method.trainable == "loramoe":
+            from cairn.combine.moe_lora import load_lora_moe
+
+            model = load_lora_moe(_round_dir(mdir, upto, plan[upto - 1][0]) / "loramoe", self.load_base())
+            for p in model.parameters():
+                p.requires_grad_(False)
+            return model
         if method.trainable == "full":
             from transformers import AutoModelForCausalLM
             import torch
