@@ -204,3 +204,21 @@ def test_loramoe_method_logs_balance_loss_and_resumes(tmp_path, tiny_model_dir):
     (exp / "loramoe" / "rounds" / "02-geography" / "round.json").unlink()
     again = run_experiment(cfg, exp, progress=False)["results"]["loramoe"]
     assert again["matrix"] == out["results"]["loramoe"]["matrix"]
+
+
+def test_method_directory_reloads_the_final_model(tmp_path, tiny_model_dir):
+    import torch
+
+    from cairn.experiment import load_method_model
+
+    cfg = _cfg(tiny_model_dir, [{"name": "lora", "trainable": "lora", "lora": {"r": 2, "alpha": 4}}])
+    run_experiment(cfg, tmp_path / "exp", progress=False)
+    model, tok = load_method_model(tmp_path / "exp" / "lora")
+    again, _ = load_method_model(tmp_path / "exp" / "lora")
+    ids = torch.tensor([tok("Question: x?")["input_ids"]])
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        a, b, c = model(ids).logits, again(ids).logits, base(ids).logits
+    assert torch.equal(a, b) and not torch.allclose(a, c)  # deterministic, and not the base

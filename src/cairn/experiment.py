@@ -598,3 +598,29 @@ def execute(cfg: ExperimentConfig, out_dir: Path | None = None, progress: bool =
     if report is not None:
         print(f"report: {report}")
     return 0 if len(ok) == len(outcome["status"]) else 1
+
+
+def load_method_model(method_dir: Path):
+    """(model, tokenizer) after the last finished round of a method's run directory.
+
+    The model is rebuilt from the saved artifacts exactly as a resumed run would (LoRA rounds merged
+    in order, stacked adapters loaded, the last FFT checkpoint, or the LoRAMoE mixture).
+    """
+    from cairn.config import load_config
+
+    method_dir = Path(method_dir)
+    cfg = load_config(method_dir / "config.yaml")
+    method = cfg.methods[0]
+    runner = Runner(cfg, method_dir.parent, progress=False, echo=False)
+    if method.strategy == "joint":
+        plan = [("joint", list(range(len(runner.tasks))))]
+    elif method.strategy == "one-round":
+        raise CairnError(f"{method_dir} holds independent one-round models; evaluate one of "
+                         f"{method_dir / 'rounds'}/NN-only-<task>/ instead")
+    else:
+        plan = [(t.name, [i]) for i, t in enumerate(runner.tasks)]
+    done = 0
+    while done < len(plan) and _read_round(_round_dir(method_dir, done + 1, plan[done][0])) is not None:
+        done += 1
+    log = RunLog(method_dir / "log.txt", echo=False)
+    return runner.restore(method, method_dir, plan, done, log), runner.tokenizer

@@ -100,6 +100,13 @@ def load_for_eval(spec: str, dtype: str = "float32", device: str | None = None):
 
     from cairn import models
 
+    path = Path(spec).expanduser()
+    if (path / "config.yaml").is_file() and (path / "rounds").is_dir():  # a method's run directory
+        from cairn.experiment import load_method_model
+
+        model, tokenizer = load_method_model(path)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return model.to(device).eval(), tokenizer, str(path), None
     base, adapter = resolve_artifact(spec)
     tokenizer = models.load_tokenizer(adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else base)
     model = models.load_model(base, dtype=dtype)
