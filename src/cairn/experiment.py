@@ -12,7 +12,7 @@ retrained; a round that was interrupted continues from its last training checkpo
 same command therefore picks up where it stopped. A method that fails is recorded as failed in
 ``experiment.json`` and the other methods still run.
 
-Directory layout: see ``docs/run-directory.md`` in the repository (and RESULTS_SCHEMA there).
+Directory layout: see the README section "Run directory".
 """
 
 from __future__ import annotations
@@ -146,31 +146,23 @@ class Runner:
         status: dict[str, str] = {}
         results: dict[str, dict] = {}
         base = self.base_record(log)
-        for method in self.cfg.methods:
-            mlog = RunLog(self.out / method.name / "log.txt", self.echo)
-            try:
-                results[method.name] = self.run_method(method, base, mlog)
-                status[method.name] = "ok"
-            except CairnError as exc:
-                status[method.name] = f"failed: {exc}"
-                mlog(f"method {method.name} failed: {exc}")
-            except Exception as exc:  # keep the other methods' results; the traceback goes to the log
-                status[method.name] = f"failed: {type(exc).__name__}: {exc}"
-                mlog(f"method {method.name} crashed:\n{traceback.format_exc()}")
-        for comb in self.cfg.combine:
-            clog = RunLog(self.out / comb.name / "log.txt", self.echo)
-            if status.get(comb.source) != "ok":
-                status[comb.name] = f"failed: its source method {comb.source!r} did not finish"
+        steps = [(m.name, m, self.run_method) for m in self.cfg.methods]
+        steps += [(c.name, c, self.run_combiner) for c in self.cfg.combine]
+        for name, step, run_step in steps:
+            slog = RunLog(self.out / name / "log.txt", self.echo)
+            source = getattr(step, "source", None)
+            if source is not None and status.get(source) != "ok":
+                status[name] = f"failed: its source method {source!r} did not finish"
                 continue
             try:
-                results[comb.name] = self.run_combiner(comb, base, clog)
-                status[comb.name] = "ok"
+                results[name] = run_step(step, base, slog)
+                status[name] = "ok"
             except CairnError as exc:
-                status[comb.name] = f"failed: {exc}"
-                clog(f"combine step {comb.name} failed: {exc}")
-            except Exception as exc:
-                status[comb.name] = f"failed: {type(exc).__name__}: {exc}"
-                clog(f"combine step {comb.name} crashed:\n{traceback.format_exc()}")
+                status[name] = f"failed: {exc}"
+                slog(f"{name} failed: {exc}")
+            except Exception as exc:  # keep the other steps' results; the traceback goes to the log
+                status[name] = f"failed: {type(exc).__name__}: {exc}"
+                slog(f"{name} crashed:\n{traceback.format_exc()}")
         names = [m.name for m in self.cfg.methods] + [c.name for c in self.cfg.combine]
         atomic.write_json(self.out / "experiment.json", {"name": self.cfg.name, "methods": names, "status": status})
         return {"status": status, "results": results}

@@ -33,11 +33,12 @@ O-LoRA); either way only the current adapter's update is penalised.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+
 
 import torch
 from torch import nn
 
+from cairn.train.loop import task_loss_of
 from cairn.errors import CairnError
 from cairn.methods.lambdas import check_lambda
 from cairn.methods.lora_layers import lora_factors
@@ -78,10 +79,8 @@ class NLoRALoss:
                 raw = l1()
             terms = {}
         self._last["nlora_l1"] = raw.detach()
-        task = getattr(outputs, "loss", None)
-        if task is None and isinstance(outputs, Mapping):
-            task = outputs.get("loss")
-        if isinstance(task, torch.Tensor):
+        task = task_loss_of(outputs)
+        if task is not None:
             self._last["task"] = task.detach()
         return terms
 

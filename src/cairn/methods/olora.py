@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cairn.train.loop import task_loss_of
 from cairn.errors import CairnError
 from cairn.methods.lambdas import check_lambda
 from cairn.methods.lora_layers import lora_factors
@@ -220,10 +221,8 @@ class OLoRALoss:
                 with torch.no_grad():
                     raw = fn()
             self._last[key] = raw.detach()
-        task = getattr(outputs, "loss", None)
-        if task is None and isinstance(outputs, Mapping):
-            task = outputs.get("loss")
-        if isinstance(task, torch.Tensor):
+        task = task_loss_of(outputs)
+        if task is not None:
             self._last["task"] = task.detach()
         return terms
 

@@ -35,6 +35,14 @@ class LossPart(Protocol):
     def extra_loss(self, model, batch: dict, outputs) -> dict[str, torch.Tensor]: ...
 
 
+def task_loss_of(outputs) -> torch.Tensor | None:
+    """The task loss carried by a forward's outputs (a ModelOutput or a mapping), if any."""
+    task = getattr(outputs, "loss", None)
+    if task is None and isinstance(outputs, dict):
+        task = outputs.get("loss")
+    return task if isinstance(task, torch.Tensor) else None
+
+
 @dataclass
 class TrainResult:
     steps: int
