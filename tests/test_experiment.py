@@ -222,3 +222,26 @@ def test_method_directory_reloads_the_final_model(tmp_path, tiny_model_dir):
     with torch.no_grad():
         a, b, c = model(ids).logits, again(ids).logits, base(ids).logits
     assert torch.equal(a, b) and not torch.allclose(a, c)  # deterministic, and not the base
+
+
+def test_earlier_adapter_missing_or_from_another_base(tmp_path, tiny_model_dir):
+    import shutil
+
+    cfg = _cfg(tiny_model_dir, [{"name": "lora", "trainable": "lora", "lora": {"r": 2, "alpha": 4}}])
+    exp = tmp_path / "exp"
+    run_experiment(cfg, exp, progress=False)
+    (exp / "lora" / "results.json").unlink()
+    (exp / "lora" / "rounds" / "02-geography" / "round.json").unlink()
+    adapter = exp / "lora" / "rounds" / "01-zoology" / "adapter"
+    shutil.move(adapter, tmp_path / "saved-adapter")
+    out = run_experiment(cfg, exp, progress=False)
+    assert "round 1's adapter" in out["status"]["lora"] and "is missing" in out["status"]["lora"]
+    # an adapter trained on a differently shaped base
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    wide = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2))
+    get_peft_model(wide, LoraConfig(r=2, target_modules="all-linear"), adapter_name="round1").save_pretrained(adapter)
+    out = run_experiment(cfg, exp, progress=False)
+    assert "made for another base" in out["status"]["lora"], out["status"]

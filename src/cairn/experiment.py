@@ -346,11 +346,15 @@ class Runner:
             adir = _round_dir(mdir, k, plan[k - 1][0]) / "adapter" / trainable.adapter_name(k)
             if not adir.is_dir():
                 raise CairnError(f"round {k}'s adapter {adir} is missing; delete {mdir} to rerun the method")
-            if isinstance(model, PeftModel):
-                model.load_adapter(str(adir), adapter_name=trainable.adapter_name(k))
-                model.base_model.set_adapter(list(model.peft_config))
-            else:
-                model = PeftModel.from_pretrained(model, str(adir), adapter_name=trainable.adapter_name(k))
+            try:
+                if isinstance(model, PeftModel):
+                    model.load_adapter(str(adir), adapter_name=trainable.adapter_name(k))
+                    model.base_model.set_adapter(list(model.peft_config))
+                else:
+                    model = PeftModel.from_pretrained(model, str(adir), adapter_name=trainable.adapter_name(k))
+            except (RuntimeError, ValueError, KeyError) as exc:  # shape mismatches: another base model
+                raise CairnError(f"round {k}'s adapter {adir} does not fit the base model {self.cfg.model!r} "
+                                 f"(was it made for another base?): {str(exc).splitlines()[0]}") from None
             if method.lora.sequential == "merge":
                 model = trainable.merge_adapters(model)
         for p in model.parameters():
