@@ -182,3 +182,14 @@ def test_weight_deltas_for_full_fine_tuning():
     assert torch.equal(weight_deltas(before, after)["a.weight"], torch.ones(2, 2))
     with pytest.raises(CairnError, match="missing"):
         weight_deltas(before, after, names=["b.weight"])
+
+
+def test_lora_nuclear_norm_through_the_core_equals_full_svd():
+    import torch
+
+    from cairn.eval.round_updates import lora_nuclear_norm
+
+    g = torch.Generator().manual_seed(0)
+    B, A = torch.randn(40, 3, generator=g), torch.randn(3, 24, generator=g)
+    full = float(torch.linalg.svdvals(2.0 * B @ A).sum())
+    assert abs(lora_nuclear_norm(B, A, 2.0) - full) < 1e-4 * full

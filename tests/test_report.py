@@ -255,3 +255,19 @@ def test_html_renders_in_headless_chromium(single_report, tmp_path):
     subprocess.run(cmd, check=True, capture_output=True, timeout=120)
     # a rendered page with its plots has hundreds of colours; a blank or broken one has a few
     _assert_nontrivial_png(shot, min_colours=200)
+
+
+def test_diagnostics_table_from_results():
+    from cairn.report.tables import diagnostics_table, to_markdown
+
+    results = {"diagnostics": {
+        "threshold": {"value": 0.01, "mode": "relative"},
+        "updates": [{"round": "a", "sparsity": 0.5, "frobenius_norm": 2.0, "nuclear_norm": None, "l1": 10.0},
+                    {"round": "b", "sparsity": 0.25, "frobenius_norm": 1.0, "nuclear_norm": 3.0, "l1": 4.0}],
+        "pairs": [{"i": "a", "j": "b", "collision_rate": 0.125, "cosine": 0.5, "input_overlap": 0.25,
+                   "output_overlap": None, "a_overlap": 0.75, "a_overlap_l1": 12.34}]}}
+    table = diagnostics_table(results, "m")
+    md = to_markdown(table)
+    assert "| a × b | 0.125 | 0.500 | 0.250 | – | 0.750 | 12.3 |" in md
+    assert "a: sparsity 0.500" in md and "‖ΔW‖_* 3.0" in md
+    assert diagnostics_table({"diagnostics": None}) is None

@@ -511,10 +511,17 @@ class Runner:
         else:
             updates = checkpoint_updates([Path(resolve_model_path(self.cfg.model))] + [d / "model" for d in dirs])
             a_factors = None
-        # Nuclear norms need an SVD of every module of every round: affordable for small models only.
+        # Nuclear norms need an SVD of every module of every round: for LoRA the r×r core gives them
+        # cheaply; for full fine-tuning only small models afford it.
         small = sum(t.numel() for t in updates[0].values()) <= 50_000_000
-        return round_diagnostics(updates, threshold=method.diagnostics_threshold, a_factors=a_factors,
+        diag = round_diagnostics(updates, threshold=method.diagnostics_threshold, a_factors=a_factors,
                                  labels=labels, nuclear=small)
+        if method.trainable == "lora" and not small:
+            from cairn.eval.round_updates import adapter_nuclear_norm
+
+            for k, (entry, d) in enumerate(zip(diag["updates"], dirs), start=1):
+                entry["nuclear_norm"] = adapter_nuclear_norm(d / "adapter" / trainable.adapter_name(k))
+        return diag
 
     def finish(self, method: MethodConfig, mdir: Path, rounds: list[RoundRecord]) -> dict:
         matrix = [r.scores for r in rounds]

@@ -24,6 +24,7 @@ from cairn.report.runs import Loaded, Run, load_runs
 from cairn.report.tables import (
     Table,
     comparison_tables,
+    diagnostics_table,
     new_knowledge_table,
     new_knowledge_table_markdown,
     old_knowledge_table,
@@ -126,6 +127,9 @@ def build_report(run_dirs: list[Path], out_dir: Path | None = None) -> Path:
         old = old_knowledge_table(run.results, run.label)
         if old is not None:
             tables.append(old)
+        diag = diagnostics_table(run.results, run.label)
+        if diag is not None:
+            tables.append(diag)
         if not multi:
             tables.append(comp[-1])  # the one-line summary of figures
         for t in tables:

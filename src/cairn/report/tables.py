@@ -270,3 +270,42 @@ def to_html(t: Table) -> str:
     out.append("</tbody></table>")
     out += [f'<p class="note">{html.escape(n)}</p>' for n in t.notes]
     return "\n".join(out)
+
+
+# ------------------------------------------------------------------ weight-update diagnostics
+
+
+def _num(v, digits: int = 3) -> str:
+    return DASH if v is None else f"{v:.{digits}f}"
+
+
+def diagnostics_table(results: dict, label: str | None = None) -> Table | None:
+    """Pairwise collision / orthogonality of the rounds' updates, then each update's sparsity and norms.
+
+    Definitions are those of :mod:`cairn.eval.diagnostics` (N-LoRA's analyses, arXiv 2410.10179).
+    """
+    diag = results.get("diagnostics")
+    if not diag or not diag.get("pairs"):
+        return None
+    has_a = any(p.get("a_overlap") is not None for p in diag["pairs"])
+    columns = ["rounds", "collision rate", "cosine", "input overlap", "output overlap"] + (
+        ["A overlap", "A overlap L1 (O-LoRA)"] if has_a else [])
+    rows = []
+    for p in diag["pairs"]:
+        row = [f"{p['i']} × {p['j']}", _num(p.get("collision_rate")), _num(p.get("cosine")),
+               _num(p.get("input_overlap")), _num(p.get("output_overlap"))]
+        if has_a:
+            row += [_num(p.get("a_overlap")), _num(p.get("a_overlap_l1"), 1)]
+        rows.append(row)
+    summary_from = len(rows)
+    for u in diag.get("updates", []):
+        row = [f"{u['round']}: sparsity {_num(u.get('sparsity'))}", f"‖ΔW‖_F {_num(u.get('frobenius_norm'), 2)}",
+               f"‖ΔW‖_* {_num(u.get('nuclear_norm'), 1)}", f"‖ΔW‖_1 {_num(u.get('l1'), 0)}", ""]
+        rows.append(row + ([""] * 2 if has_a else []))
+    thr = diag.get("threshold", {})
+    notes = [f"An entry is significant when |x| > {thr.get('value')} ({thr.get('mode')} to the module's max |ΔW|); "
+             "collision rate = |S_i ∩ S_j| / |S_i ∪ S_j|; cosine = |⟨ΔW_i, ΔW_j⟩| / (‖ΔW_i‖‖ΔW_j‖); input/output "
+             "overlap = normalised ‖ΔW_i ΔW_jᵀ‖ on the input/output side; sparsity = share of insignificant entries. "
+             "Pooled or averaged over modules (see cairn.eval.diagnostics)."]
+    title = "Weight-update diagnostics" + (f" ({label})" if label else "")
+    return Table("diagnostics", title, columns, rows, summary_from, notes)
