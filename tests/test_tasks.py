@@ -91,3 +91,17 @@ def test_trace_pack_loads(data_dir):
     task = load_task(TaskConfig(name="FOMC", format="trace", path="trace/FOMC", metric="accuracy", max_test=20),
                      data_dir=data_dir)
     assert len(task.train) == 500 and len(task.test) == 20
+
+
+@pytest.mark.integration
+def test_trace_configs_load_every_task_from_the_pack(data_dir):
+    from pathlib import Path
+
+    from cairn.config import load_config
+
+    repo = Path(__file__).resolve().parents[1]
+    for name in ("trace-lora.yaml", "trace-methods.yaml"):
+        cfg = load_config(repo / "configs" / name, [f"data_dir={data_dir / 'trace'}"])
+        for task_cfg in cfg.tasks:
+            task = load_task(task_cfg, cfg.data_dir)
+            assert task.train and task.test, task_cfg.name
