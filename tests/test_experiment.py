@@ -125,20 +125,24 @@ def test_old_knowledge_suite_joins_the_results(tmp_path, tiny_model_dir):
     assert ok["stderr"][2][0] is not None
 
 
-def test_one_round_models_merged_and_evaluated(tmp_path, tiny_model_dir):
-    cfg = config_from_dict({
-        "name": "t", "model": str(tiny_model_dir),
+def _one_round_cfg(model_dir, combine: list[dict]):
+    """Two demo tasks, one-round FFT and LoRA methods (the ingredients), and the given combine steps."""
+    return config_from_dict({
+        "name": "t", "model": str(model_dir),
         "tasks": [{"name": t, "format": "demo", "path": t, "entities": 2, "max_new_tokens": 4}
                   for t in ("zoology", "geography")],
         "methods": [{"name": "one-fft", "strategy": "one-round", "trainable": "full"},
                     {"name": "one-lora", "strategy": "one-round", "trainable": "lora", "lora": {"r": 2, "alpha": 4}}],
-        "combine": [{"name": "avg", "kind": "merge", "source": "one-fft", "method": "linear"},
+        "combine": combine, "training": FAST, "evaluation": {"batch_size": 8},
+    })
+
+
+def test_one_round_models_merged_and_evaluated(tmp_path, tiny_model_dir):
+    cfg = _one_round_cfg(tiny_model_dir, [{"name": "avg", "kind": "merge", "source": "one-fft", "method": "linear"},
                     {"name": "ties-lora", "kind": "merge", "source": "one-lora", "method": "ties",
                      "params": {"density": 0.5}},
                     {"name": "ties-svd", "kind": "merge", "source": "one-lora", "method": "ties",
-                     "lora_mode": "svd", "rank": 2, "params": {"density": 0.5}}],
-        "training": FAST, "evaluation": {"batch_size": 8},
-    })
+                     "lora_mode": "svd", "rank": 2, "params": {"density": 0.5}}])
     out = run_experiment(cfg, tmp_path / "exp", progress=False)
     assert set(out["status"].values()) == {"ok"}, out["status"]
     one = json.loads((tmp_path / "exp/one-fft/results.json").read_text())
@@ -159,18 +163,10 @@ def test_combine_requires_one_round_source(tmp_path, tiny_model_dir):
 
 
 def test_moe_mixing_of_one_round_models_with_router_training(tmp_path, tiny_model_dir):
-    cfg = config_from_dict({
-        "name": "t", "model": str(tiny_model_dir),
-        "tasks": [{"name": t, "format": "demo", "path": t, "entities": 2, "max_new_tokens": 4}
-                  for t in ("zoology", "geography")],
-        "methods": [{"name": "one-fft", "strategy": "one-round", "trainable": "full"},
-                    {"name": "one-lora", "strategy": "one-round", "trainable": "lora", "lora": {"r": 2, "alpha": 4}}],
-        "combine": [{"name": "moe-fft", "kind": "moe", "source": "one-fft", "params": {"top_k": 2},
+    cfg = _one_round_cfg(tiny_model_dir, [{"name": "moe-fft", "kind": "moe", "source": "one-fft", "params": {"top_k": 2},
                      "router_training": {"max_steps": 2}},
                     {"name": "moe-lora", "kind": "moe", "source": "one-lora",
-                     "params": {"top_k": 1, "router_init": "prompts"}, "router_training": {"max_steps": 2}}],
-        "training": FAST, "evaluation": {"batch_size": 8},
-    })
+                     "params": {"top_k": 1, "router_init": "prompts"}, "router_training": {"max_steps": 2}}])
     out = run_experiment(cfg, tmp_path / "exp", progress=False)
     assert set(out["status"].values()) == {"ok"}, out["status"]
     for name in ("moe-fft", "moe-lora"):
