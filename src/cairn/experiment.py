@@ -176,12 +176,7 @@ class Runner:
         atomic.write_text(mdir / "config.yaml", to_yaml(dataclasses.replace(self.cfg, methods=[method])))
         tcfg = self.cfg.training_for(method)
         rounds = [base]
-        if method.strategy == "joint":
-            plan = [("joint", list(range(len(self.tasks))))]
-        elif method.strategy == "one-round":
-            plan = [(f"only-{t.name}", [i]) for i, t in enumerate(self.tasks)]
-        else:
-            plan = [(t.name, [i]) for i, t in enumerate(self.tasks)]
+        plan = self.plan(method)
 
         model = None
         restored_upto = 0
@@ -206,8 +201,15 @@ class Runner:
         return self.finish(method, mdir, rounds)
 
     # -- one round ---------------------------------------------------------------------------
+    def plan(self, method: MethodConfig) -> list[tuple[str, list[int]]]:
+        """The method's rounds as (label, indices of the tasks trained in that round)."""
+        if method.strategy == "joint":
+            return [("joint", list(range(len(self.tasks))))]
+        prefix = "only-" if method.strategy == "one-round" else ""
+        return [(f"{prefix}{t.name}", [i]) for i, t in enumerate(self.tasks)]
+
     def rounds_of(self, method: MethodConfig) -> int:
-        return 1 if method.strategy == "joint" else len(self.tasks)
+        return len(self.plan(method))
 
     def round_examples(self, method: MethodConfig, k: int, task_ids: list[int]) -> tuple[list[dict], dict]:
         if len(task_ids) > 1:  # joint training
@@ -366,8 +368,8 @@ class Runner:
         """The one-round artifacts of ``method``, in task order (models or PEFT adapter folders)."""
         mdir = self.out / method.name
         paths = []
-        for k, task in enumerate(self.tasks, start=1):
-            rdir = _round_dir(mdir, k, f"only-{task.name}")
+        for k, (label, _) in enumerate(self.plan(method), start=1):
+            rdir = _round_dir(mdir, k, label)
             path = rdir / "adapter" / trainable.adapter_name(k) if method.trainable == "lora" else rdir / "model"
             if not path.is_dir():
                 raise CairnError(f"ingredient {path} is missing; rerun method {method.name!r}")
@@ -615,13 +617,10 @@ def load_method_model(method_dir: Path):
     cfg = load_config(method_dir / "config.yaml")
     method = cfg.methods[0]
     runner = Runner(cfg, method_dir.parent, progress=False, echo=False)
-    if method.strategy == "joint":
-        plan = [("joint", list(range(len(runner.tasks))))]
-    elif method.strategy == "one-round":
+    if method.strategy == "one-round":
         raise CairnError(f"{method_dir} holds independent one-round models; evaluate one of "
                          f"{method_dir / 'rounds'}/NN-only-<task>/ instead")
-    else:
-        plan = [(t.name, [i]) for i, t in enumerate(runner.tasks)]
+    plan = runner.plan(method)
     done = 0
     while done < len(plan) and _read_round(_round_dir(method_dir, done + 1, plan[done][0])) is not None:
         done += 1
