@@ -73,6 +73,23 @@ def test_cli_on_model_and_adapter_writes_results(tiny_dirs, tmp_path, capsys):
     assert "acc_norm *" in capsys.readouterr().out
 
 
+def test_cli_bf16_precision_matches_float32_accuracy(tiny_dirs, tmp_path):
+    model_dir, _, data_dir = tiny_dirs
+    outs = {p: tmp_path / f"{p}.json" for p in ("float32", "bf16")}
+    for precision, out in outs.items():
+        assert _run([str(model_dir), "--tasks", "arc_easy", "winogrande", "--data-dir", str(data_dir),
+                     "--precision", precision, "--output", str(out)]) == 0
+    exact, mixed = (json.loads(outs[p].read_text()) for p in ("float32", "bf16"))
+    assert mixed["precision"] == "bf16"
+    for task in ("arc_easy", "winogrande"):
+        for metric in ("acc", "acc_norm") if task == "arc_easy" else ("acc",):
+            assert mixed["results"][task][metric] == exact["results"][task][metric]
+        assert 0 <= mixed["results"][task]["rescored"] <= mixed["results"][task]["n"]
+    # bf16 weights leave nothing to re-score against: refused with a way out
+    assert _run([str(model_dir), "--tasks", "arc_easy", "--data-dir", str(data_dir), "--precision", "bf16",
+                 "--dtype", "bfloat16"]) == 2
+
+
 def test_adapter_changes_the_loglikelihoods(tiny_dirs):
     from cairn.commands.eval import load_for_eval
     from cairn.eval.suites import evaluate_suite

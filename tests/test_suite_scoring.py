@@ -111,3 +111,67 @@ def test_generate_stops_at_stop_string(model, tokenizer):
     cut = generate(model, tokenizer, ["The quick brown"], max_new_tokens=12, batch_size=1, stop=[stop])[0]
     assert cut == free.split(stop)[0]
     assert cut_at_stop("abc Question: d", ["Question:", "</s>"]) == "abc "
+
+
+def test_near_tie_on_hand_built_scores():
+    from cairn.eval.suites import near_tie
+
+    # acc: choice 0 leads by 1.0 nat; each side may be off by 0.25 * sqrt(2) = 0.354 -> 0.707 < 1: safe
+    assert not near_tie([-1.0, -2.0], [2, 2], ["aa", "aa"], tolerance=0.25)
+    # same gap, 6 tokens each: 2 * 0.25 * sqrt(6) = 1.22 >= 1.0 -> could flip
+    assert near_tie([-1.0, -2.0], [6, 6], ["aa", "aa"], tolerance=0.25)
+    # acc is safe (gap 1.0 vs 0.2) but acc_norm is not: -1/1 = -1.0 vs -2/2 = -1.0 tie
+    assert near_tie([-1.0, -2.0], [1, 1], ["a", "bb"], tolerance=0.1)
+    # acc_norm gap -2/4 - (-3/2) = 1.0 against bounds 0.1/4 + 0.1/2: safe; acc gap 1.0 vs 0.2: safe
+    assert not near_tie([-2.0, -3.0], [1, 1], ["abcd", "ab"], tolerance=0.1)
+    assert near_tie([-1.0, -1.0], [1, 1], ["a", "b"], tolerance=1e-9)  # an exact tie is a near tie
+
+
+def _docs():
+    from cairn.eval.suites import MCDoc
+
+    return [MCDoc(tuple(q), tuple(c.strip() or c for _, c in q), 0) for q in QUESTIONS if len(q) > 1]
+
+
+def test_bf16_mode_keeps_float32_predictions(model, tokenizer):
+    from cairn.eval.suites import _score_mc
+
+    exact, exact_details = _score_mc(model, tokenizer, _docs(), 4, True, False, "t")
+    mixed, details = _score_mc(model, tokenizer, _docs(), 4, True, False, "t", precision="bf16", bf16_tolerance=0.1)
+    assert mixed == exact  # acc and acc_norm per question
+    for a, b in zip(details, exact_details):
+        assert (a["pred"], a["pred_norm"]) == (b["pred"], b["pred_norm"])
+        if a["rescored"]:  # a near tie carries float32's own numbers
+            assert a["loglikelihoods"] == b["loglikelihoods"]
+        else:  # bf16 numbers: close to float32, but computed in bf16
+            assert a["loglikelihoods"] == pytest.approx(b["loglikelihoods"], abs=0.5)
+    # a random tiny model is unsure about everything: with a generous tolerance every question is re-scored
+    _, all_details = _score_mc(model, tokenizer, _docs(), 4, True, False, "t", precision="bf16", bf16_tolerance=10.0)
+    assert all(d["rescored"] for d in all_details)
+    assert [d["loglikelihoods"] for d in all_details] == [d["loglikelihoods"] for d in exact_details]
+
+
+def test_autocast_runs_the_forward_in_bf16(model, tokenizer):
+    seen = []
+    hook = model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    try:
+        bf = score_pairs(model, tokenizer, QUESTIONS, batch_size=4, autocast=torch.bfloat16)
+    finally:
+        hook.remove()
+    assert seen and all(d == torch.bfloat16 for d in seen)
+    fp = score_pairs(model, tokenizer, QUESTIONS, batch_size=4)
+    assert bf != fp  # bf16 rounding shows
+    assert [x for q in bf for x in q] == pytest.approx([x for q in fp for x in q], abs=0.5)
+
+
+def test_bf16_precision_needs_float32_weights(tmp_path, model, tokenizer):
+    import copy
+
+    from cairn.errors import CairnError
+    from cairn.eval.suites import evaluate_suite
+
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    with pytest.raises(CairnError, match="needs the model loaded in float32"):
+        evaluate_suite(half, tokenizer, ["arc_easy"], tmp_path, precision="bf16", progress=False)
+    with pytest.raises(CairnError, match="precision must be one of"):
+        evaluate_suite(model, tokenizer, ["arc_easy"], tmp_path, precision="fp8", progress=False)

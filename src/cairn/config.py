@@ -167,6 +167,9 @@ class OldKnowledgeConfig:
     batch_size: int = _help("Batch size of the log-likelihood scorer.", 16)
     num_fewshot: int = _help("Few-shot examples (MMLU takes them from its dev split).", 0)
     seed: int = _help("Seed of the subsample.", 1234)
+    precision: Literal["float32", "bf16"] = _help(
+        "float32, or bf16: score under bf16 autocast and re-score in float32 the questions bf16 could flip "
+        "(float32's predictions at bf16 speed on GPUs with bf16 units).", "float32")
 
 
 @dataclass

@@ -121,7 +121,8 @@ class Runner:
 
         data_dir = Path(ok.data_dir).expanduser() if ok.data_dir else None
         scores = evaluate_suite(model, self.tokenizer, ok.tasks, data_dir=data_dir, limit=ok.limit, seed=ok.seed,
-                                batch_size=ok.batch_size, num_fewshot=ok.num_fewshot, progress=self.progress)
+                                batch_size=ok.batch_size, num_fewshot=ok.num_fewshot, progress=self.progress,
+                                precision=ok.precision)
         keep = ("primary", "primary_stderr", "primary_metric", "n")
         return {task: {k: v for k, v in res.items() if k in keep} for task, res in scores.items()}
 

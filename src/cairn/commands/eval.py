@@ -45,6 +45,9 @@ def register(subparsers) -> None:
     p.add_argument("--max-gen-toks", type=int, default=256, help="generation budget per GSM8K question")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weight dtype (bfloat16 pays off on GPUs; on CPUs without bf16 units it is slower)")
+    p.add_argument("--precision", default="float32", choices=["float32", "bf16"],
+                   help="bf16: score under bf16 autocast and re-score in float32 every question bf16 could "
+                   "flip (same predictions as float32; faster on GPUs with bf16 units; needs --dtype float32)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--backend", default="cairn", choices=["cairn", "lm-eval"],
                    help="cairn's batched scorer, or lm-evaluation-harness itself (pip install lm-eval)")
@@ -155,11 +158,12 @@ def run(args) -> int:
         results = suites.evaluate_suite(
             model, tokenizer, tasks, data_dir=args.data_dir, limit=args.limit, seed=args.seed,
             batch_size=args.batch_size, num_fewshot=args.num_fewshot, progress=not args.no_progress,
-            max_gen_toks=args.max_gen_toks, data_files=data_files)
+            max_gen_toks=args.max_gen_toks, data_files=data_files, precision=args.precision)
     _print_table(results)
     if args.output:
         atomic.write_json(args.output, {
             "model": args.model, "base_model": base, "adapter": adapter, "suite": args.suite, "backend": args.backend,
-            "limit": args.limit, "seed": args.seed, "num_fewshot": args.num_fewshot, "results": results})
+            "limit": args.limit, "seed": args.seed, "num_fewshot": args.num_fewshot, "precision": args.precision,
+            "results": results})
         print(f"[cairn] wrote {args.output}")
     return 0

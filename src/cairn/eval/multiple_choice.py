@@ -30,6 +30,11 @@ What is different is only how the work is laid out, for speed:
    position, which for a 49k-word vocabulary is a large share of the work on short prompts.
 3. **Length-sorted batches** (longest first, as lm-evaluation-harness does, so memory problems
    show at once), with a cap on the logits held at a time.
+4. **bf16 where it does not change the ranking** (``autocast=torch.bfloat16``): the forward pass runs
+   under bf16 autocast (float32 weights, bf16 matmuls); :func:`cairn.eval.suites` then re-scores in
+   float32 every question whose decision a bf16 rounding error could flip (see ``near_tie``), so the
+   predictions are float32's and only the questions with a clear winner are left at bf16. How much
+   that saves depends on the model: a weak model has many near ties (see benchmarks/eval_precision.py).
 
 The packed and the unpacked computation agree to float rounding (tested against one-pair-at-a-time
 scoring); a model whose attention ignores custom 4-D masks would silently break the packing, so
@@ -166,12 +171,14 @@ def score_pairs(
     max_logits: int = 2**26,
     progress: bool = False,
     desc: str = "log-likelihood",
+    autocast: torch.dtype | None = None,
 ) -> list[list[float]]:
     """Summed continuation log-probabilities: ``result[q][i] = log p(cont_i | ctx_i)`` for question ``q``.
 
     ``batch_size`` bounds the packed rows per forward pass; ``max_logits`` bounds the number of
     float logits materialised at once (rows x kept positions x vocabulary), so long-continuation
-    tasks take smaller batches instead of running out of memory.
+    tasks take smaller batches instead of running out of memory. ``autocast`` (e.g. ``torch.bfloat16``)
+    runs the forward passes under ``torch.autocast``; the log-softmax is always taken in float32.
     """
     from tqdm.auto import tqdm
 
@@ -222,8 +229,9 @@ def score_pairs(
         # the earliest scored position over the batch (in padded coordinates) fixes the kept tail
         first = min(length - len(r.tokens) + min(min(i) for i, _ in r.targets) for r in batch)
         kwargs = {"logits_to_keep": length - first} if tail_ok else {}
-        out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
-                    use_cache=False, **kwargs)
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+                        use_cache=False, **kwargs)
         logits = out.logits
         offset = length - logits.shape[1]  # padded index of the first kept logit
         for b, row in enumerate(batch):
@@ -238,3 +246,9 @@ def score_pairs(
                 bar.update(1)
     bar.close()
     return scores
+
+
+def continuation_token_counts(tokenizer, questions: Sequence[Sequence[Pair]]) -> list[list[int]]:
+    """Number of scored tokens of every pair, tokenised exactly as :func:`score_pairs` does."""
+    prefix_id = prefix_token_id(tokenizer)
+    return [[len(encode_pair(tokenizer, c, x, prefix_id)[1]) for c, x in pairs] for pairs in questions]

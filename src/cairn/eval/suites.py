@@ -49,6 +49,9 @@ Deviations from lm-evaluation-harness, and why:
   pre-processed file are close to, not identical with, lm-eval's on the raw data.
 - **Subsampling**: ``limit`` draws a seeded random subset (kept in file order); lm-eval's ``--limit``
   takes the first N, which on sorted files (MMLU by subject) is a biased sample.
+- **bf16** (``precision="bf16"``, not an lm-eval option): bf16 autocast changes a weak model's
+  predictions on a few questions in a hundred (measured: 1-5 of 40 per task on SmolLM2-135M), so
+  cairn re-scores near ties in float32 and the accuracies stay float32's (:func:`near_tie`).
 - **Standard error**: the sample standard deviation over questions / sqrt(n), as lm-eval's
   ``mean_stderr``; lm-eval's MMLU group stderr pools subject variances instead.
 """
@@ -65,6 +68,23 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from cairn.errors import CairnError
+
+
+PRECISIONS = ("float32", "bf16")
+# How far a bf16-autocast log-likelihood may be from float32's, in nats per square root of the number
+# of scored tokens (``near_tie``). bf16 keeps 8 significant bits; over a continuation the per-token
+# errors partly cancel, so the error of a sum grows like sqrt(tokens), not like tokens: on the built-in
+# SmolLM2-135M over the data pack (benchmarks/eval_precision.py) the worst |error| / sqrt(tokens) seen
+# was about 0.3, from one-token answers (MMLU's " A") down to 30-token HellaSwag endings alike. 0.5
+# leaves a margin of about 1.7x; a question outside it is re-scored in float32, so a wrong guess
+# here costs time, never a prediction.
+BF16_TOKEN_TOLERANCE = 0.5
+
+
+def _torch():
+    import torch
+
+    return torch
 
 
 @dataclass(frozen=True)
@@ -421,6 +441,8 @@ def evaluate_suite(
     data_files: dict[str, Path] | None = None,
     share_prefix: bool = True,
     return_details: bool = False,
+    precision: str = "float32",
+    bf16_tolerance: float = BF16_TOKEN_TOLERANCE,
 ) -> dict[str, dict]:
     """Score ``model`` on the old-knowledge tasks; one result dict per task.
 
@@ -431,7 +453,19 @@ def evaluate_suite(
     folder laid out like the data pack (``old_knowledge/<task>/...``, ``gsm8k/test.jsonl``), or
     ``None`` for ``$CAIRN_DATA`` and then the Hugging Face hub; ``data_files`` overrides the file
     of single tasks.
+
+    ``precision="bf16"`` scores the multiple-choice tasks under bf16 autocast and re-scores in
+    float32 every question where bf16 could have changed the prediction (:func:`near_tie` with
+    ``bf16_tolerance`` nats per square root of the scored tokens), so acc and acc_norm are float32's; each result then
+    reports ``rescored`` (how many questions needed float32). It needs float32 weights.
     """
+    if precision not in PRECISIONS:
+        raise CairnError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "bf16" and next(model.parameters()).dtype != _torch().float32:
+        raise CairnError("precision 'bf16' re-scores near ties in float32, so it needs the model loaded in float32 "
+                         f"(it is {next(model.parameters()).dtype}); load float32 weights or use precision 'float32'")
+    if bf16_tolerance <= 0:
+        raise CairnError(f"bf16_tolerance must be > 0, got {bf16_tolerance}")
     if limit is not None and limit < 1:
         raise CairnError(f"limit must be a positive number of questions per task, got {limit}")
     if num_fewshot < 0:
@@ -456,8 +490,13 @@ def evaluate_suite(
 
                 per_metric, details = gsm8k.score(model, tokenizer, docs, rows, batch_size, max_gen_toks, progress)
             else:
-                per_metric, details = _score_mc(model, tokenizer, docs, batch_size, share_prefix, progress, name)
+                per_metric, details = _score_mc(model, tokenizer, docs, batch_size, share_prefix, progress, name,
+                                                precision, bf16_tolerance)
             results[name] = _summary(spec, per_metric, time.perf_counter() - start, source)
+            if spec.kind != "generate":
+                results[name]["precision"] = precision
+                if precision == "bf16":
+                    results[name]["rescored"] = sum(1 for d in details if d.get("rescored"))
             if return_details:
                 results[name]["details"] = details
     finally:
@@ -465,18 +504,55 @@ def evaluate_suite(
     return results
 
 
-def _score_mc(model, tokenizer, docs: list[MCDoc], batch_size: int, share_prefix: bool, progress: bool,
-              name: str) -> tuple[dict[str, list[float]], list[dict]]:
-    from cairn.eval.multiple_choice import score_pairs
+def near_tie(loglikelihoods: Sequence[float], token_counts: Sequence[int], choices: Sequence[str],
+             tolerance: float) -> bool:
+    """Could log-likelihood errors of ``tolerance * sqrt(tokens)`` change the acc or acc_norm prediction?
 
-    lls = score_pairs(model, tokenizer, [d.pairs for d in docs], batch_size=batch_size, share_prefix=share_prefix,
-                      progress=progress, desc=name)
+    Choice ``i``'s summed log-likelihood is trusted to within ``e_i = tolerance * sqrt(token_counts[i])``.
+    The acc prediction ``b`` is safe when ``ll_b - ll_j > e_b + e_j`` for every other ``j``; acc_norm's
+    the same on ``ll / len(choice)`` with ``e / len(choice)``. Exactly tied scores are near ties too.
+    """
+    acc, norm = mc_predictions(loglikelihoods, choices)
+    err = [tolerance * n ** 0.5 for n in token_counts]
+    chars = [float(len(c)) for c in choices]
+    for j in range(len(choices)):
+        if j != acc and loglikelihoods[acc] - loglikelihoods[j] <= err[acc] + err[j]:
+            return True
+        if j != norm and (loglikelihoods[norm] / chars[norm] - loglikelihoods[j] / chars[j]
+                          <= err[norm] / chars[norm] + err[j] / chars[j]):
+            return True
+    return False
+
+
+def _score_mc(model, tokenizer, docs: list[MCDoc], batch_size: int, share_prefix: bool, progress: bool,
+              name: str, precision: str = "float32",
+              bf16_tolerance: float = BF16_TOKEN_TOLERANCE) -> tuple[dict[str, list[float]], list[dict]]:
+    from cairn.eval.multiple_choice import continuation_token_counts, score_pairs
+
+    torch = _torch()
+    questions = [d.pairs for d in docs]
+    autocast = torch.bfloat16 if precision == "bf16" else None
+    lls = score_pairs(model, tokenizer, questions, batch_size=batch_size, share_prefix=share_prefix,
+                      progress=progress, desc=name, autocast=autocast)
+    rescored: set[int] = set()
+    if autocast is not None:
+        counts = continuation_token_counts(tokenizer, questions)
+        rescored = {q for q, doc in enumerate(docs) if near_tie(lls[q], counts[q], doc.choices, bf16_tolerance)}
+        if rescored:
+            order = sorted(rescored)
+            exact = score_pairs(model, tokenizer, [questions[q] for q in order], batch_size=batch_size,
+                                share_prefix=share_prefix, progress=progress, desc=f"{name} (float32 near ties)")
+            for q, ll in zip(order, exact):
+                lls[q] = ll
     acc, acc_norm, details = [], [], []
-    for doc, ll in zip(docs, lls):
+    for q, (doc, ll) in enumerate(zip(docs, lls)):
         pred, pred_norm = mc_predictions(ll, doc.choices)
         acc.append(float(pred == doc.gold))
         acc_norm.append(float(pred_norm == doc.gold))
-        details.append({"loglikelihoods": ll, "gold": doc.gold, "pred": pred, "pred_norm": pred_norm})
+        detail = {"loglikelihoods": ll, "gold": doc.gold, "pred": pred, "pred_norm": pred_norm}
+        if autocast is not None:
+            detail["rescored"] = q in rescored
+        details.append(detail)
     return {"acc": acc, "acc_norm": acc_norm}, details
 
 
