@@ -130,6 +130,26 @@ def write_local_tasks(out_dir: Path, tasks: Sequence[str], data_dir: Path | None
     return info
 
 
+def _time_requests(lm) -> list[float]:
+    """Wrap ``lm``'s request methods so the time spent in them (the model's work, without lm-eval's task
+    building and metric computation) accumulates in the returned one-element list."""
+    import time
+
+    spent = [0.0]
+    for name in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
+        method = getattr(lm, name)
+
+        def timed(*args, _method=method, **kwargs):
+            start = time.perf_counter()
+            try:
+                return _method(*args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - start
+
+        setattr(lm, name, timed)
+    return spent
+
+
 def run_lm_eval(
     model: Any,
     tasks: Sequence[str] | None = None,
@@ -150,7 +170,8 @@ def run_lm_eval(
     ``model`` is a path/hub id (passed as ``pretrained=``, plus ``model_args`` such as
     ``peft=ADAPTER_DIR``) or a loaded transformers model (then give ``tokenizer``). Data comes from
     ``data_dir`` (or ``$CAIRN_DATA``) through :func:`write_local_tasks`; without local data lm-eval
-    loads its own Hugging Face datasets, and ``limit`` then takes lm-eval's first N.
+    loads its own Hugging Face datasets, and ``limit`` then takes lm-eval's first N. Each result's
+    ``seconds`` is the task's wall time in lm-eval, ``model_seconds`` the part spent answering requests.
     """
     _require()
     import time
@@ -168,6 +189,7 @@ def run_lm_eval(
         lm = HFLM(**dict(kv.split("=", 1) for kv in args.split(",")), batch_size=batch_size, device=device)
     else:
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    model_seconds = _time_requests(lm)
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="cairn-lm-eval-") as tmp:
         if data_dir is not None or data_files:
@@ -181,7 +203,7 @@ def run_lm_eval(
         for name in names:  # one task per call, so each gets its own wall-clock time
             spec = suites.OLD_KNOWLEDGE_TASKS[name]
             task = info[name]["lm_eval_task"]
-            start = time.perf_counter()
+            start, model_seconds[0] = time.perf_counter(), 0.0
             out = lm_eval.simple_evaluate(model=lm, tasks=[task], num_fewshot=num_fewshot, limit=run_limit,
                                           task_manager=manager, log_samples=log_samples, random_seed=seed,
                                           gen_kwargs={"max_gen_toks": max_gen_toks} if spec.kind == "generate" else None,
@@ -197,6 +219,7 @@ def run_lm_eval(
                 entry[f"{m}_stderr"] = float(stderr) if isinstance(stderr, (int, float)) else float("nan")
             entry.update(n=n, primary_metric=spec.primary, primary=entry[spec.primary],
                          primary_stderr=entry[f"{spec.primary}_stderr"], seconds=round(seconds, 3),
+                         model_seconds=round(model_seconds[0], 3),
                          questions_per_second=round(n / seconds, 3) if n and seconds > 0 else None,
                          source=info[name]["source"], backend="lm-eval", bracket_rows=info[name]["bracket_rows"])
             if log_samples:
