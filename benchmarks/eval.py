@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     path = resolve_model_path(args.model)
     model, tokenizer = load_model(args.model, dtype="float32").eval(), load_tokenizer(args.model)
 
-    rows, total = [], {"ours_q": 0, "ours_s": 0.0, "theirs_q": 0, "theirs_s": 0.0}
+    rows, total = [], {"ours_q": 0, "ours_s": 0.0, "theirs_q": 0, "theirs_s": 0.0, "ours_score_s": 0.0,
+                          "theirs_model_s": 0.0}
     for name in tasks:
         common = dict(data_dir=args.data_dir, limit=args.limit, seed=args.seed, batch_size=args.batch_size,
                       max_gen_toks=args.max_gen_toks)
@@ -101,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         total["ours_s"] += ours_s
         total["theirs_q"] += theirs["n"] or 0
         total["theirs_s"] += theirs_s
-        total["ours_score_s"] = total.get("ours_score_s", 0.0) + ours["seconds"]
-        total["theirs_model_s"] = total.get("theirs_model_s", 0.0) + theirs["model_seconds"]
+        total["ours_score_s"] += ours["seconds"]
+        total["theirs_model_s"] += theirs["model_seconds"]
         print(f"{name:<15} n={ours['n']:<4} " + "  ".join(
             f"{m}: cairn {row[m]['ours']:.4f}±{row[m]['ours_stderr']:.4f} lm-eval {row[m]['lm_eval']:.4f} "
             f"(diff {row[m]['diff_points']:+.2f} pt, {row[m]['disagreements']} q differ)" for m in spec.metrics)

@@ -65,23 +65,20 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         exact = score_pairs(model, tokenizer, questions, batch_size=args.batch_size)
         s32 = time.perf_counter() - start
-        start = time.perf_counter()  # the bf16 mode, step by step so its raw bf16 numbers can be inspected
+        start = time.perf_counter()  # the bf16 mode in its two steps, so its raw bf16 numbers can be inspected
         raw = score_pairs(model, tokenizer, questions, batch_size=args.batch_size, autocast=torch.bfloat16)
-        counts = continuation_token_counts(tokenizer, questions)
-        flagged = [q for q, d in enumerate(docs) if suites.near_tie(raw[q], counts[q], d.choices, tol)]
-        redo = score_pairs(model, tokenizer, [questions[q] for q in flagged], batch_size=args.batch_size)
+        final, flagged = suites.rescore_near_ties(model, tokenizer, docs, raw, tol, args.batch_size)
         s16 = time.perf_counter() - start
-        final = list(raw)
-        for q, ll in zip(flagged, redo):
-            final[q] = ll
+        counts = continuation_token_counts(tokenizer, questions)
         err = max(abs(a - b) / n ** 0.5 for r, e, c in zip(raw, exact, counts) for a, b, n in zip(r, e, c))
         per_token = max(abs(a - b) / n for r, e, c in zip(raw, exact, counts) for a, b, n in zip(r, e, c))
         pred = [suites.mc_predictions(ll, d.choices) for ll, d in zip(exact, docs)]
         raw_diff = sum(suites.mc_predictions(ll, d.choices) != p_ for ll, d, p_ in zip(raw, docs, pred))
         mode_diff = sum(suites.mc_predictions(ll, d.choices) != p_ for ll, d, p_ in zip(final, docs, pred))
         worst_tok, t32, t16 = max(worst_tok, err), t32 + s32, t16 + s16
-        row = {"task": name, "n": len(docs), "max_error_per_sqrt_token": err, "max_error_per_token": per_token, "bf16_alone_differs": raw_diff,
-               "rescored": len(flagged), "mode_differs": mode_diff, "float32_s": s32, "bf16_mode_s": s16,
+        row = {"task": name, "n": len(docs), "max_error_per_sqrt_token": err, "max_error_per_token": per_token,
+               "bf16_alone_differs": raw_diff, "rescored": len(flagged), "mode_differs": mode_diff,
+               "float32_s": s32, "bf16_mode_s": s16,
                "ratio": s32 / s16}
         rows.append(row)
         print(f"{name:<15} n={len(docs):<4} max |bf16-fp32|/sqrt(tokens) {err:.4f} (tolerance {tol}; per token "

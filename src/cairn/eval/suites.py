@@ -76,8 +76,8 @@ PRECISIONS = ("float32", "bf16")
 # errors partly cancel, so the error of a sum grows like sqrt(tokens), not like tokens: on the built-in
 # SmolLM2-135M over the data pack (benchmarks/eval_precision.py) the worst |error| / sqrt(tokens) seen
 # was about 0.3, from one-token answers (MMLU's " A") down to 30-token HellaSwag endings alike. 0.5
-# leaves a margin of about 1.7x; a question outside it is re-scored in float32, so a wrong guess
-# here costs time, never a prediction.
+# leaves a margin of about 1.7x. Too large a value only re-scores more questions in float32; too small
+# a value would let a bf16 error flip a prediction, so measure before lowering it.
 BF16_TOKEN_TOLERANCE = 0.5
 
 
@@ -524,26 +524,37 @@ def near_tie(loglikelihoods: Sequence[float], token_counts: Sequence[int], choic
     return False
 
 
+def rescore_near_ties(model, tokenizer, docs: list[MCDoc], approx: list[list[float]], tolerance: float,
+                      batch_size: int = 16, share_prefix: bool = True, progress: bool = False,
+                      desc: str = "float32 near ties") -> tuple[list[list[float]], list[int]]:
+    """``approx`` (bf16 log-likelihoods) with every :func:`near_tie` question re-scored at the model's own
+    precision; returns the merged log-likelihoods and the indices of the re-scored questions."""
+    from cairn.eval.multiple_choice import continuation_token_counts, score_pairs
+
+    counts = continuation_token_counts(tokenizer, [d.pairs for d in docs])
+    flagged = [q for q, d in enumerate(docs) if near_tie(approx[q], counts[q], d.choices, tolerance)]
+    lls = list(approx)
+    if flagged:
+        exact = score_pairs(model, tokenizer, [docs[q].pairs for q in flagged], batch_size=batch_size,
+                            share_prefix=share_prefix, progress=progress, desc=desc)
+        for q, ll in zip(flagged, exact):
+            lls[q] = ll
+    return lls, flagged
+
+
 def _score_mc(model, tokenizer, docs: list[MCDoc], batch_size: int, share_prefix: bool, progress: bool,
               name: str, precision: str = "float32",
               bf16_tolerance: float = BF16_TOKEN_TOLERANCE) -> tuple[dict[str, list[float]], list[dict]]:
-    from cairn.eval.multiple_choice import continuation_token_counts, score_pairs
+    from cairn.eval.multiple_choice import score_pairs
 
-    torch = _torch()
-    questions = [d.pairs for d in docs]
-    autocast = torch.bfloat16 if precision == "bf16" else None
-    lls = score_pairs(model, tokenizer, questions, batch_size=batch_size, share_prefix=share_prefix,
+    autocast = _torch().bfloat16 if precision == "bf16" else None
+    lls = score_pairs(model, tokenizer, [d.pairs for d in docs], batch_size=batch_size, share_prefix=share_prefix,
                       progress=progress, desc=name, autocast=autocast)
     rescored: set[int] = set()
     if autocast is not None:
-        counts = continuation_token_counts(tokenizer, questions)
-        rescored = {q for q, doc in enumerate(docs) if near_tie(lls[q], counts[q], doc.choices, bf16_tolerance)}
-        if rescored:
-            order = sorted(rescored)
-            exact = score_pairs(model, tokenizer, [questions[q] for q in order], batch_size=batch_size,
-                                share_prefix=share_prefix, progress=progress, desc=f"{name} (float32 near ties)")
-            for q, ll in zip(order, exact):
-                lls[q] = ll
+        lls, flagged = rescore_near_ties(model, tokenizer, docs, lls, bf16_tolerance, batch_size, share_prefix,
+                                         progress, f"{name} (float32 near ties)")
+        rescored = set(flagged)
     acc, acc_norm, details = [], [], []
     for q, (doc, ll) in enumerate(zip(docs, lls)):
         pred, pred_norm = mc_predictions(ll, doc.choices)
