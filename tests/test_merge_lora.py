@@ -70,7 +70,8 @@ def test_per_factor_equals_peft_add_weighted_adapter(tiny, tmp_path, method, pef
     theirs = {k.replace(".mix.", ".default."): v for k, v in reference.state_dict().items() if ".mix." in k}
     mine = {k: v for k, v in ours.state_dict().items() if "lora_" in k}
     assert theirs.keys() == mine.keys()
-    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+    for k in mine:  # two implementations of the same arithmetic: equal up to float32 rounding of reductions
+        torch.testing.assert_close(mine[k], theirs[k], rtol=1e-6, atol=1e-7)
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["r"] == config["lora_alpha"] == 4
 

@@ -138,8 +138,10 @@ def test_non_moe_layers_hold_the_base_mlp_and_counts(models, tmp_path):
     d, inter, layers, k = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, 3
     stats = build_fft_moe(models["base"], models["experts"], tmp_path / "none", top_k=2, moe_layers=[], router_init="random")
     mixed = AutoModelForCausalLM.from_pretrained(tmp_path / "none", dtype=torch.float32).eval()
-    with torch.no_grad():  # every layer non-MoE: the mixture is the base model (top-2 halves are exact)
-        assert torch.equal(mixed(IDS).logits, load_llama(models["base"])(IDS).logits)
+    with torch.no_grad():  # every layer non-MoE: the mixture is the base model. The Mixtral block and the
+        # Llama MLP are different kernels (their matmuls may block and round differently per CPU), so this
+        # compares within float32 rounding, as the MoE-layer test above does.
+        torch.testing.assert_close(mixed(IDS).logits, load_llama(models["base"])(IDS).logits, atol=1e-6, rtol=0)
 
     stats = build_fft_moe(models["base"], models["experts"], tmp_path / "one", top_k=2, moe_layers=[1], router_init="random")
     kv = cfg.num_key_value_heads * (d // cfg.num_attention_heads)
