@@ -49,12 +49,14 @@ def test_trace_folder_loads(tmp_path):
 
 def test_relative_path_resolves_against_data_dir(tmp_path):
     (tmp_path / "T").mkdir()
-    (tmp_path / "T" / "test.json").write_text(json.dumps([{"prompt": "q", "answer": "a"}]))
+    for split in ("train", "test"):
+        (tmp_path / "T" / f"{split}.json").write_text(json.dumps([{"prompt": "q", "answer": "a"}]))
     task = load_task(TaskConfig(name="t", format="trace", path="T", metric="exact_match"), data_dir=tmp_path)
     assert task.test[0]["answer"] == "a"
 
 
 def test_jsonl_malformed_line_names_file_and_line(tmp_path):
+    (tmp_path / "train.jsonl").write_text('{"q": "a", "a": "b"}\n')
     (tmp_path / "test.jsonl").write_text('{"q": "a", "a": "b"}\n{"q": broken\n')
     cfg = TaskConfig(name="t", format="jsonl", path=str(tmp_path), metric="exact_match", prompt_field="q",
                      answer_field="a")
@@ -63,18 +65,20 @@ def test_jsonl_malformed_line_names_file_and_line(tmp_path):
 
 
 def test_jsonl_custom_fields(tmp_path):
+    (tmp_path / "train.jsonl").write_text('{"q": "x?", "a": "y"}\n')
     (tmp_path / "test.jsonl").write_text('{"q": "x?", "a": "y"}\n')
     cfg = TaskConfig(name="t", format="jsonl", path=str(tmp_path), metric="exact_match", prompt_field="q",
                      answer_field="a")
     assert load_task(cfg).test == [{"prompt": "x?", "answer": "y"}]
     cfg.answer_field = "answer"
-    with pytest.raises(CairnError, match="item 1 has no 'answer' field"):
+    with pytest.raises(CairnError, match=r"train\.jsonl, line 1: no 'answer' field"):
         load_task(cfg)
 
 
 def test_bad_inputs(tmp_path):
     with pytest.raises(CairnError, match="does not exist"):
         load_task(TaskConfig(name="t", format="trace", path=str(tmp_path / "nope"), metric="accuracy"))
+    (tmp_path / "train.json").write_text('[{"prompt": "q", "answer": "a"}]')
     (tmp_path / "test.json").write_text("[]")
     with pytest.raises(CairnError, match="'test' split is empty"):
         load_task(TaskConfig(name="t", format="trace", path=str(tmp_path), metric="accuracy"))
@@ -82,7 +86,7 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(CairnError, match="unknown metric|Unknown metric|available"):
         load_task(TaskConfig(name="t", format="trace", path=str(tmp_path), metric="bleurt"))
     (tmp_path / "test.json").write_text('[{"prompt": "q", "answer": "a"},\n oops]')
-    with pytest.raises(CairnError, match=r"test\.json: malformed JSON at line 2"):
+    with pytest.raises(CairnError, match=r"test\.json, line 2: malformed JSON"):
         load_task(TaskConfig(name="t", format="trace", path=str(tmp_path), metric="accuracy"))
 
 

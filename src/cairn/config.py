@@ -34,26 +34,59 @@ def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclas
 @dataclass
 class TaskConfig:
     name: str = _help("Task name, used in tables and directory names.")
-    format: Literal["trace", "jsonl", "hf", "demo"] = _help(
+    format: Literal["trace", "jsonl", "messages", "hf", "demo"] = _help(
         "trace: folder with train/eval/test.json lists of {prompt, answer}; jsonl: folder with "
-        "train/eval/test.jsonl; hf: a Hugging Face dataset id; demo: a built-in generated domain.",
+        "train/eval/test.jsonl; messages: folder with train/eval/test.jsonl of {messages: [{role, content}, ...]} "
+        "(the last assistant turn is the answer, rendered with the chat template); hf: a Hugging Face dataset "
+        "(hub id or a folder saved by `datasets`); demo: a built-in generated domain.",
         "trace",
     )
-    path: str | None = _help("Folder (trace/jsonl), dataset id (hf) or demo domain name (demo). "
-                             "Relative folders are resolved against the experiment's data_dir.", None)
-    metric: str | None = _help("Metric name (see cairn.eval.metrics). Required except for demo tasks.", None)
-    prompt_field: str = _help("Field holding the prompt (jsonl/hf).", "prompt")
-    answer_field: str = _help("Field holding the answer (jsonl/hf).", "answer")
+    path: str | None = _help("Folder (trace/jsonl/messages), dataset id or saved-dataset folder (hf) or demo domain "
+                             "name (demo). Relative folders are resolved against the experiment's data_dir.", None)
+    metric: str | None = _help("Metric name (see cairn.eval.metrics); shorthand for `metrics: [name]`. "
+                               "Required (or `metrics`) except for demo tasks.", None)
+    metrics: list[str] = _help("Several metrics, all computed at every evaluation; the first is the task's primary "
+                               "score (the results matrix). Do not combine with `metric` unless it is the first.",
+                               factory=list)
+    prompt_format: Literal["plain", "chat"] | None = _help(
+        "plain: the prompt text as is; chat: the tokenizer's chat template around it (user turn = prompt, "
+        "generation prompt added, loss on the assistant turn only), in training and evaluation alike. "
+        "null: plain, or chat for format: messages.", None)
+    system_prompt: str | None = _help("prompt_format: chat: a system turn put before every prompt.", None)
+    prompt_field: str = _help("Field holding the prompt (trace/jsonl/hf).", "prompt")
+    answer_field: str = _help("Field holding the answer (trace/jsonl/hf).", "answer")
+    messages_field: str = _help("Field holding the list of turns (format: messages).", "messages")
     type_field: str | None = _help("Optional per-example field marking world-knowledge examples (LoRAMoE).", None)
     world_knowledge: bool = _help("Whether this task counts as world-knowledge-like (LoRAMoE's constraint).", False)
     train_split: str = _help("Split used for training.", "train")
     test_split: str = _help("Split used for evaluation after each round.", "test")
+    split_map: dict[str, str] = _help("Where each split is found in the source: {train: <source split>, test: ...}; "
+                                      "a folder's file stem or a dataset's split name (default: the same name).",
+                                      factory=dict)
+    subset: str | None = _help("hf: the dataset's configuration (subset) name, e.g. 'main' for gsm8k.", None)
+    revision: str | None = _help("hf: the dataset's git revision (branch, tag or commit) on the hub.", None)
+    train_path: str | None = _help("Training source when it differs from `path` (a folder, or one file of the "
+                                   "format; for hf a dataset): e.g. train on MetaMathQA, test on GSM8K.", None)
+    test_path: str | None = _help("Test source when it differs from `path` (a folder, one file, or a dataset).", None)
+    train_format: Literal["trace", "jsonl", "messages", "hf"] | None = _help(
+        "Format of train_path (default: format).", None)
+    test_format: Literal["trace", "jsonl", "messages", "hf"] | None = _help(
+        "Format of test_path (default: format).", None)
+    train_prompt_field: str | None = _help("Prompt field of the training source (default: prompt_field).", None)
+    train_answer_field: str | None = _help("Answer field of the training source (default: answer_field).", None)
+    test_prompt_field: str | None = _help("Prompt field of the test source (default: prompt_field).", None)
+    test_answer_field: str | None = _help("Answer field of the test source (default: answer_field).", None)
     max_train: int | None = _help("Keep at most this many training examples (seeded subsample).", None)
     max_test: int | None = _help("Evaluate on at most this many test examples (seeded subsample).", None)
     max_new_tokens: int | None = _help("Generation budget at evaluation; default from the longest answer.", None)
     stop: list[str] = _help("Strings that end a generated answer at evaluation (besides EOS).", factory=list)
     seed: int = _help("Seed of a generated (demo) task.", 0)
     entities: int = _help("Number of invented entities of a generated (demo) task.", 8)
+
+    @property
+    def metric_names(self) -> list[str]:
+        """Every metric of the task, the primary first (``metrics``, else ``[metric]``)."""
+        return list(self.metrics) if self.metrics else ([self.metric] if self.metric else [])
 
 
 @dataclass
@@ -341,10 +374,7 @@ def validate(cfg: ExperimentConfig, source: str) -> None:
     if len(set(mnames)) != len(mnames):
         raise CairnError(f"{source}: method names must be unique, got {mnames}")
     for task in cfg.tasks:
-        if task.format != "demo" and not task.metric:
-            raise CairnError(f"{source}: task {task.name!r} has no metric; add e.g. `metric: exact_match`")
-        if task.format != "demo" and not task.path:
-            raise CairnError(f"{source}: task {task.name!r} has no path")
+        validate_task(task, source)
     by_name = {m.name: m for m in cfg.methods}
     for comb in cfg.combine:
         if comb.name in by_name or [c.name for c in cfg.combine].count(comb.name) > 1:
@@ -371,6 +401,32 @@ def validate(cfg: ExperimentConfig, source: str) -> None:
             vals = values if isinstance(values, list) else [values]
             if any(v is not None and v is not False and v < 0 for v in vals):
                 raise CairnError(f"{source}: method {method.name!r}: {label} must be >= 0, got {values}")
+
+
+def validate_task(task: TaskConfig, source: str) -> None:
+    """The task's keys agree with each other (its data is checked when the task loads)."""
+    where = f"{source}: task {task.name!r}"
+    if task.format != "demo" and not task.metric_names:
+        raise CairnError(f"{where} has no metric; add e.g. `metric: exact_match` (or `metrics: [a, b]`)")
+    if task.metric and task.metrics and task.metrics[0] != task.metric:
+        raise CairnError(f"{where}: `metric: {task.metric}` and `metrics: {task.metrics}` disagree on the primary "
+                         f"metric; keep only `metrics` (its first entry is the primary score)")
+    if len(set(task.metrics)) != len(task.metrics):
+        raise CairnError(f"{where}: `metrics` lists a metric twice: {task.metrics}")
+    if task.format != "demo" and not task.path and not (task.train_path and task.test_path):
+        raise CairnError(f"{where} has no path; set `path` (or both `train_path` and `test_path`)")
+    if task.format == "messages" and task.prompt_format == "plain":
+        raise CairnError(f"{where}: format: messages is rendered with the chat template; "
+                         f"drop `prompt_format: plain` (or set it to chat)")
+    if task.system_prompt is not None and task.prompt_format != "chat" and task.format != "messages":
+        raise CairnError(f"{where}: system_prompt needs `prompt_format: chat`")
+    if task.format == "demo" and (task.train_path or task.test_path):
+        raise CairnError(f"{where}: a demo task is generated; train_path/test_path do not apply")
+    unknown = [k for k in task.split_map if k not in {task.train_split, task.test_split, "train", "test", "eval",
+                                                        "validation"}]
+    if unknown:
+        raise CairnError(f"{where}: split_map key {unknown[0]!r} is not one of the task's splits "
+                         f"({task.train_split}, {task.test_split}, eval, validation)")
 
 
 def to_yaml(cfg: ExperimentConfig) -> str:
