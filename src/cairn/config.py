@@ -403,9 +403,9 @@ def validate(cfg: ExperimentConfig, source: str) -> None:
                 raise CairnError(f"{source}: method {method.name!r}: {label} must be >= 0, got {values}")
 
 
-def validate_task(task: TaskConfig, source: str) -> None:
+def validate_task(task: TaskConfig, source: str | None = None) -> None:
     """The task's keys agree with each other (its data is checked when the task loads)."""
-    where = f"{source}: task {task.name!r}"
+    where = f"{source}: task {task.name!r}" if source else f"task {task.name!r}"
     if task.format != "demo" and not task.metric_names:
         raise CairnError(f"{where} has no metric; add e.g. `metric: exact_match` (or `metrics: [a, b]`)")
     if task.metric and task.metrics and task.metrics[0] != task.metric:

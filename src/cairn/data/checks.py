@@ -60,7 +60,10 @@ def check_metrics(task) -> list[str]:
     refs = [ex["answer"] for ex in test]
     found: list[str] = []
     for name in task.metrics:
-        fn = get_metric(name)  # an unknown name fails here, before any training
+        try:
+            fn = get_metric(name)  # an unknown name fails here, before any training
+        except CairnError as exc:
+            raise CairnError(f"task {task.name!r}: {exc}") from None
         if name.startswith("gsm8k"):
             for ex, where in zip(test, origins):
                 if extract_final_number(ex["answer"]) is None:

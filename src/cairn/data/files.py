@@ -48,7 +48,8 @@ def read_text(path: Path, what: str = "data file") -> str:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
-        raise CairnError(f"{path}: not valid UTF-8: byte 0x{data[exc.start]:02x} at byte offset {exc.start} "
+        utf16 = " (it starts with a UTF-16 byte-order mark)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise CairnError(f"{path}: not valid UTF-8{utf16}: byte 0x{data[exc.start]:02x} at byte offset {exc.start} "
                          f"(line {line}) ({exc.reason}); re-save the file as UTF-8") from None
     return text.removeprefix("\ufeff")
 

@@ -66,7 +66,11 @@ def resolve(cfg: TaskConfig, split: str, data_dir: str | Path | None) -> SplitSo
     if location is None:
         raise CairnError(f"task {cfg.name!r}: no source for the {split!r} split; set `path`")
     if fmt != "hf":
-        location = str(_resolve_path(location, data_dir))
+        resolved = _resolve_path(location, data_dir)
+        if location == cfg.path and resolved.is_file():  # one file would serve as train AND test split
+            raise CairnError(f"task {cfg.name!r}: path {resolved} is a file; `path` is a folder holding "
+                             f"train/test files: name single files with `train_path` and `test_path`")
+        location = str(resolved)
     elif data_dir is not None and not Path(location).expanduser().is_absolute() \
             and (Path(data_dir).expanduser() / location).exists():
         location = str(Path(data_dir).expanduser() / location)  # a saved dataset under data_dir
@@ -97,6 +101,8 @@ def missing_file_message(cfg: TaskConfig, src: SplitSource, role: str) -> str:
     folder = Path(src.location)
     if not folder.exists():
         return f"task {cfg.name!r}: {role} source {folder} does not exist"
+    if folder.is_dir() and folder.suffix in (".json", ".jsonl"):
+        return f"task {cfg.name!r}: {role} file {folder} is a directory, not a file"
     ext = EXTENSION[src.format]
     present = sorted(p.name for p in folder.glob(f"*.{ext}")) if folder.is_dir() else []
     has = f" (the folder has: {', '.join(present)})" if present else f" (the folder has no .{ext} files)"
@@ -136,8 +142,8 @@ def _refuse_empty(examples: list[dict], rows: list[Row], where, description: str
         if empty:
             more = f" ({len(empty) - 1} more in {description})" if len(empty) > 1 else ""
             field = "the last assistant turn" if src.format == "messages" and key == "answer" else \
-                repr(src.answer_field if key == "answer" else src.prompt_field)
-            raise CairnError(f"{where(rows[empty[0]])}: empty {what} (field {field}){more}; an empty {what} "
+                f"field {src.answer_field if key == 'answer' else src.prompt_field!r}"
+            raise CairnError(f"{where(rows[empty[0]])}: empty {what} ({field}){more}; an empty {what} "
                              f"cannot be learnt or scored: fill it in or drop the example")
 
 

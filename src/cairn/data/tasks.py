@@ -115,7 +115,7 @@ def load_task(cfg: TaskConfig, data_dir: str | Path | None = None, seed: int = 0
     from cairn.data import demo
     from cairn.data.checks import check_metrics
 
-    validate_task(cfg, "task config")
+    validate_task(cfg)
     chat = uses_chat(cfg)
     if cfg.format == "demo":
         domain = cfg.path or cfg.name.removeprefix("demo-")
