@@ -165,3 +165,26 @@ def test_hf_local_data_files_and_mixed_sources(tmp_path):
     assert len(task.train) == 6 and task.test == [{"prompt": "What is 2+2?", "answer": "#### 4"}]
     with pytest.raises(CairnError, match=r"cannot load Hugging Face dataset .*no_such.*subset 'main'"):
         load_task(TaskConfig(name="x", format="hf", path=str(tmp_path / "no_such"), subset="main", metric="gsm8k"))
+
+
+@pytest.mark.integration
+def test_data_pack_math_task(data_dir):
+    """The paper's math task on the data pack: GSM8K's train split stands in for MetaMathQA (not in the pack)."""
+    cfg = TaskConfig(name="math", format="jsonl", train_path="gsm8k/train.jsonl", test_path="gsm8k",
+                     prompt_field="question", metrics=["gsm8k", "exact_match"], max_train=50, max_test=20)
+    task = load_task(cfg, data_dir=data_dir)
+    assert len(task.train) == 50 and len(task.test) == 20 and task.warnings == []
+    assert all("####" in ex["answer"] for ex in task.train + task.test)
+    with pytest.raises(CairnError, match=r"MeetingBank/train\.json does not exist \(the folder has: eval\.json, "
+                                         r"test\.json\)"):
+        load_task(TaskConfig(name="MeetingBank", path="trace/MeetingBank", metric="rouge_l"), data_dir=data_dir)
+
+
+def test_check_task_inputs_takes_every_max_length(tmp_path, char_tokenizer):
+    from cairn.data.checks import check_task_inputs
+
+    rows = [{"prompt": "x" * 30, "answer": "ab"}]
+    task = load_task(TaskConfig(name="t", format="jsonl", path=_folder(tmp_path, rows, rows), metric="exact_match"))
+    with pytest.warns(DataWarning):
+        found = check_task_inputs([task], char_tokenizer, [20, 512, 20, 25], model="m")
+    assert [w.split("max_length=")[1].split(" ")[0] for w in found] == ["20", "25"]

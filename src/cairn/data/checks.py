@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import warnings
 from collections import defaultdict
+from collections.abc import Iterable
 
 from cairn.errors import CairnError
 
@@ -88,16 +89,22 @@ def check_metrics(task) -> list[str]:
     return found
 
 
-def check_task_inputs(tasks, tokenizer, max_length: int | None = None, model: str | None = None) -> list[str]:
-    """Checks that need the tokenizer: chat templates and over-long training examples. Returns the warnings."""
+def check_task_inputs(tasks, tokenizer, max_length: int | Iterable[int] | None = None,
+                      model: str | None = None) -> list[str]:
+    """Checks that need the tokenizer: chat templates and over-long training examples. Returns the warnings.
+
+    ``max_length`` may list every value the methods train with (each distinct one is checked); ``model``
+    is the model as the user named it, for the messages.
+    """
     from cairn.data.chat import require_chat_template
 
+    lengths = [] if max_length is None else sorted({max_length} if isinstance(max_length, int) else set(max_length))
     found: list[str] = []
     for task in tasks:
         if task.prompt_format == "chat":
             require_chat_template(tokenizer, model, task.name)
-        if max_length is not None:
-            found.extend(check_lengths(task, tokenizer, max_length))
+        for n in lengths:
+            found.extend(check_lengths(task, tokenizer, n))
     return found
 
 
