@@ -181,3 +181,28 @@ def test_builtin_smollm2_template(tmp_path):
     assert tok.decode(enc.input_ids[n_prompt:]) == "1<|im_end|>"
     assert tok.decode(enc.input_ids[:n_prompt]).endswith("<|im_start|>user\nWhat is 0+1?<|im_end|>\n"
                                                          "<|im_start|>assistant\n")
+
+
+def test_a_chat_task_runs_through_the_experiment_runner(tmp_path):
+    """Training encodes chat examples, evaluation generates from the same template (tiny model, 2 steps)."""
+    from conftest import make_tiny_llama
+
+    from cairn.config import config_from_dict
+    from cairn.experiment import run_experiment
+
+    tok = chat_tokenizer()
+    model_dir = tmp_path / "chat-model"
+    make_tiny_llama(vocab=len(tok)).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    cfg = config_from_dict({
+        "name": "chat", "model": str(model_dir),
+        "tasks": [{"name": "zoology", "format": "demo", "entities": 2, "max_new_tokens": 3, "prompt_format": "chat",
+                   "system_prompt": "Answer briefly."}],
+        "methods": [{"name": "lora", "trainable": "lora", "lora": {"r": 2, "alpha": 4}}],
+        "training": {"max_steps": 2, "batch_size": 4, "lr": 1e-3, "log_every": 1, "max_length": 128},
+        "evaluation": {"batch_size": 8}})
+    out = run_experiment(cfg, tmp_path / "exp", progress=False)
+    assert out["status"] == {"lora": "ok"}
+    preds = json.loads((tmp_path / "exp/lora/rounds/01-zoology/predictions.json").read_text())["zoology"]
+    assert preds[0]["input"].startswith("<|im_start|>system\nAnswer briefly.<|im_end|>\n<|im_start|>user\n")
+    assert preds[0]["input"].endswith("<|im_start|>assistant\n") and not preds[0]["prompt"].startswith("<|im_start|>")

@@ -188,3 +188,10 @@ def test_check_task_inputs_takes_every_max_length(tmp_path, char_tokenizer):
     with pytest.warns(DataWarning):
         found = check_task_inputs([task], char_tokenizer, [20, 512, 20, 25], model="m")
     assert [w.split("max_length=")[1].split(" ")[0] for w in found] == ["20", "25"]
+
+
+def test_split_map_on_a_folder(tmp_path):
+    (tmp_path / "train.json").write_text(json.dumps([{"prompt": "q", "answer": "a"}]))
+    (tmp_path / "dev.json").write_text(json.dumps([{"prompt": "dev q", "answer": "b"}]))
+    task = load_task(TaskConfig(name="t", path=str(tmp_path), metric="exact_match", split_map={"test": "dev"}))
+    assert task.test == [{"prompt": "dev q", "answer": "b"}] and task.sources["test"].endswith("dev.json")
