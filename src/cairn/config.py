@@ -84,6 +84,11 @@ class TaskConfig:
     entities: int = _help("Number of invented entities of a generated (demo) task.", 8)
 
     @property
+    def chat(self) -> bool:
+        """Chat-formatted: asked for, or one of the task's sources is made of messages."""
+        return self.prompt_format == "chat" or "messages" in (self.format, self.train_format, self.test_format)
+
+    @property
     def metric_names(self) -> list[str]:
         """Every metric of the task, the primary first (``metrics``, else ``[metric]``)."""
         return list(self.metrics) if self.metrics else ([self.metric] if self.metric else [])
@@ -415,10 +420,10 @@ def validate_task(task: TaskConfig, source: str | None = None) -> None:
         raise CairnError(f"{where}: `metrics` lists a metric twice: {task.metrics}")
     if task.format != "demo" and not task.path and not (task.train_path and task.test_path):
         raise CairnError(f"{where} has no path; set `path` (or both `train_path` and `test_path`)")
-    if task.format == "messages" and task.prompt_format == "plain":
+    if "messages" in (task.format, task.train_format, task.test_format) and task.prompt_format == "plain":
         raise CairnError(f"{where}: format: messages is rendered with the chat template; "
                          f"drop `prompt_format: plain` (or set it to chat)")
-    if task.system_prompt is not None and task.prompt_format != "chat" and task.format != "messages":
+    if task.system_prompt is not None and not task.chat:
         raise CairnError(f"{where}: system_prompt needs `prompt_format: chat`")
     if task.format == "demo" and (task.train_path or task.test_path):
         raise CairnError(f"{where}: a demo task is generated; train_path/test_path do not apply")

@@ -82,11 +82,6 @@ def _subsample(rows: list, origins: list[str], n: int | None, seed: int) -> tupl
     return [rows[i] for i in idx], [origins[i] for i in idx] if origins else []
 
 
-def uses_chat(cfg: TaskConfig) -> bool:
-    """Whether the task is chat-formatted: asked for, or any of its sources is made of messages."""
-    return cfg.prompt_format == "chat" or "messages" in (cfg.format, cfg.train_format, cfg.test_format)
-
-
 def _load_sources(cfg: TaskConfig, data_dir, chat: bool):
     from cairn.data import sources as S
 
@@ -116,7 +111,7 @@ def load_task(cfg: TaskConfig, data_dir: str | Path | None = None, seed: int = 0
     from cairn.data.checks import check_metrics
 
     validate_task(cfg)
-    chat = uses_chat(cfg)
+    chat = cfg.chat
     if cfg.format == "demo":
         domain = cfg.path or cfg.name.removeprefix("demo-")
         splits = demo.generate_domain(domain, seed=cfg.seed, entities=cfg.entities)
