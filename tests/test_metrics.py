@@ -128,7 +128,9 @@ def test_length_mismatch_and_empty_are_errors():
 
 
 def test_registry_and_unknown_name():
-    assert set(M.METRICS) == {"accuracy", "numeric_accuracy", "exact_match", "rouge_l", "edit_similarity", "sari", "gsm8k"}
+    assert set(M.METRICS) == {"accuracy", "numeric_accuracy", "exact_match", "rouge_l", "rouge_l_trace", "edit_similarity",
+                              "sari", "gsm8k", "gsm8k_strict", "gsm8k_flexible", "gsm8k_cot_strict",
+                              "gsm8k_cot_flexible"}
     assert M.get_metric("rouge_l") is M.rouge_l
     with pytest.raises(CairnError, match="available metrics: accuracy, edit_similarity"):
         M.get_metric("bleu")
