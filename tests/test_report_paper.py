@@ -229,3 +229,25 @@ def test_findings_contradiction(tmp_path):
     (exp / "config.yaml").write_text(CONFIG)
     f = {x.claim: x for x in evaluate_findings(load_runs([exp]).runs)}
     assert f["LoRA forgets less old knowledge than FFT (sequential)"].verdict == "contradicts"
+
+
+def test_single_seed_old_knowledge_cells_get_normal_intervals(tmp_path):
+    exp = _exp(tmp_path / "exp", {"seq-lora": _res("seq-lora", SEQ, SEQ_ROWS, SEQ_OLD),
+                                  "only-lora": _res("only-lora", ONE, ONE_ROWS, ONE_OLD, strategy="one-round")})
+    old = comparison_tables(load_runs([exp]).runs, old_intervals=True)[1]
+    # se 0.01 per test: ±1.96 points; AVE se = sqrt(0.01² + 0.01²) / 2 = 0.00707: ±1.39 points
+    assert old.rows[1] == ["seq-lora", "45.0 [43.0, 47.0]", "55.0 [53.0, 57.0]", "50.0 [48.6, 51.4]"]
+    assert old.rows[2][1] == "35.0 [33.0, 37.0]"  # one-round: mean of models, mean of their se
+
+
+def test_demo_config_has_64_test_questions_per_domain_and_old_knowledge():
+    from cairn.commands.demo import demo_config_path, old_knowledge_source
+    from cairn.config import load_config
+    from cairn.data.demo import generate_domain
+
+    cfg = load_config(demo_config_path())
+    for t in cfg.tasks:
+        assert len(generate_domain(t.path, seed=t.seed, entities=t.entities)["test"]) >= 64
+    ok = cfg.evaluation.old_knowledge
+    assert ok is not None and ok.when == "last" and ok.limit == 64
+    assert old_knowledge_source(Path("/x")) == Path("/x")

@@ -114,7 +114,7 @@ def build_report(run_dirs: list[Path], out_dir: Path | None = None) -> Path:
     markdown: list[str] = []
     sections: list[Section] = []
 
-    comp = comparison_tables(runs)
+    comp = comparison_tables(runs, old_intervals=True)
     sig = significance_table(runs) if multi else None
     if sig is not None:
         comp = comp + [sig]

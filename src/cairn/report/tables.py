@@ -294,8 +294,12 @@ def _interval_cells(r: Run, cols: list[str]) -> list[str] | None:
     return cells
 
 
-def comparison_tables(runs: list[Run]) -> list[Table]:
-    """Tables 5/6 (final scores per method), a summary line per method, and the pairwise tests."""
+def comparison_tables(runs: list[Run], old_intervals: bool = False) -> list[Table]:
+    """Tables 5/6 (final scores per method) and a summary line per method.
+
+    New-knowledge cells of single-seed runs carry a per-item bootstrap interval when predictions were
+    saved; ``old_intervals`` adds a normal interval from the suite's standard errors to single-seed
+    old-knowledge cells (the report and the demo ask for it)."""
     tables: list[Table] = []
     new_cols = _union([r.task_names for r in runs])
     base_run = runs[0]
@@ -333,7 +337,13 @@ def comparison_tables(runs: list[Run]) -> list[Table]:
         if base0 is not None:
             b = _final_by_name(n0, base0, old_cols)
             body.append(["base"] + [fmt_score(v) for v in b] + [fmt_score(_mean(b))])
+        any_se = False
         for r, (names, _, _) in olds:
+            se_cells = None if r.seeded or not old_intervals else _old_se_cells(r, old_cols)
+            if se_cells is not None:
+                any_se = True
+                body.append([r.label] + se_cells)
+                continue
             finals = []
             for x in _replica_results(r):
                 fo = final_old(x, r.spec)
@@ -345,7 +355,9 @@ def comparison_tables(runs: list[Run]) -> list[Table]:
             Table("comparison_old", "Old knowledge: final scores per method", ["", *old_cols, "AVE"], body, None,
                   ["Scores x100 of each method's last evaluated round (for a one-round method the mean over its "
                    "one-round models, the seed paper's Fig. 2); base from " + f"'{r0.label}'."]
-                  + (["a ± b = mean ± sample sd over seeds."] if any(r.seeded for r, _ in olds) else []))
+                  + (["a ± b = mean ± sample sd over seeds."] if any(r.seeded for r, _ in olds) else [])
+                  + (["a [lo, hi] = single seed, 95% normal interval from the suite's standard errors "
+                      "(AVE: sqrt(Σ se²) / tasks)."] if any_se else []))
         )
 
     cols = ["method", "new: base avg", "new: last avg", "new: gain of avg (%)", "new: mean gain (%)",
@@ -365,6 +377,36 @@ def comparison_tables(runs: list[Run]) -> list[Table]:
         + (["a ± b = mean ± sample sd over seeds."] if any(r.seeded for r in runs) else []),
     ))
     return tables
+
+
+def _old_se_cells(r: Run, cols: list[str]) -> list[str] | None:
+    """Single-seed old-knowledge cells with a normal 95% interval from the saved standard errors."""
+    from cairn.report.stats import Interval
+
+    res = r.results
+    old = res.get("old_knowledge") or {}
+    stderr, fo = old.get("stderr"), final_old(res, r.spec)
+    if not stderr or fo is None:
+        return None
+    names = fo[0]
+    ks = [k for k, row in enumerate(old["matrix"]) if row and any(v is not None for v in row)]
+    ks = [k for k in ks if k > 0] if r.one_round else ks[-1:]
+    if not ks or any(k >= len(stderr) or not stderr[k] or any(v is None for v in stderr[k]) for k in ks):
+        return None
+    # a one-round mean over models keeps the items' noise: the mean of the models' se (conservative)
+    se = [sum(stderr[k][i] for k in ks) / len(ks) for i in range(len(names))]
+    by_v, by_se = dict(zip(names, fo[2])), dict(zip(names, se))
+    z = 1.959963984540054
+    cells = []
+    for c in cols:
+        v, e = by_v.get(c), by_se.get(c)
+        cells.append(DASH if v is None else fmt_interval("score", Interval(v, v - z * e, v + z * e)))
+    vals = [by_v[c] for c in cols if by_v.get(c) is not None]
+    if not vals:
+        return cells + [DASH]
+    ave = sum(vals) / len(vals)
+    e = (sum(by_se[c] ** 2 for c in cols if by_v.get(c) is not None) ** 0.5) / len(vals)
+    return cells + [fmt_interval("score", Interval(ave, ave - z * e, ave + z * e))]
 
 
 def summary_values(results: dict, spec: dict | None = None) -> list[float | None]:
