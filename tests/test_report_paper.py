@@ -251,3 +251,17 @@ def test_demo_config_has_64_test_questions_per_domain_and_old_knowledge():
     ok = cfg.evaluation.old_knowledge
     assert ok is not None and ok.when == "last" and ok.limit == 64
     assert old_knowledge_source(Path("/x")) == Path("/x")
+
+
+def test_summarize_seeds_on_hand_written_matrices():
+    from cairn.errors import CairnError
+    from cairn.eval.continual import summarize_seeds
+
+    s = summarize_seeds(SEEDS, ["a", "b"], SEQ_ROWS)
+    # last average per seed: 0.5, 0.6, 0.7 -> mean 0.6, sd 0.1; BWT (score units): -0.4, -0.1, -0.1
+    assert s["last_average"]["mean"] == pytest.approx(0.6) and s["last_average"]["sd"] == pytest.approx(0.1)
+    assert s["bwt"]["mean"] == pytest.approx(-0.2) and s["bwt"]["sd"] == pytest.approx(0.17320508)
+    assert s["acquisition"][0]["mean"] == pytest.approx(0.7) and s["acquisition"][1]["n"] == 3
+    assert len(s["seeds"]) == 3
+    with pytest.raises(CairnError, match="differ in shape"):
+        summarize_seeds([SEEDS[0], SEEDS[0][:2]], ["a", "b"])
