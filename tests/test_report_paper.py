@@ -249,7 +249,7 @@ def test_demo_config_has_64_test_questions_per_domain_and_old_knowledge():
     for t in cfg.tasks:
         assert len(generate_domain(t.path, seed=t.seed, entities=t.entities)["test"]) >= 64
     ok = cfg.evaluation.old_knowledge
-    assert ok is not None and ok.when == "last" and ok.limit == 64
+    assert ok is not None and ok.when == "last" and ok.tasks == ["arc_easy", "piqa"]
     assert old_knowledge_source(Path("/x")) == Path("/x")
 
 
