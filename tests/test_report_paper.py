@@ -265,3 +265,16 @@ def test_summarize_seeds_on_hand_written_matrices():
     assert len(s["seeds"]) == 3
     with pytest.raises(CairnError, match="differ in shape"):
         summarize_seeds([SEEDS[0], SEEDS[0][:2]], ["a", "b"])
+
+
+def test_seeded_experiment_report_builds_with_error_bars(tmp_path):
+    olds = [{"tasks": ["arc"], "metric": {}, "matrix": [[0.5], None, [0.4 + 0.01 * s]]} for s in range(3)]
+    exp = _exp(tmp_path / "exp", {"seq-fft": _seeded(SEEDS, olds),
+                                  "seq-lora": {s: _res("seq-lora", SEQ, SEQ_ROWS, SEQ_OLD, seed=s) for s in range(3)}})
+    page = build_report([exp], tmp_path / "out")
+    html = page.read_text()
+    assert "± 10.0" in html and "Findings" in html
+    md = (tmp_path / "out" / "tables" / "comparison_summary.md").read_text()
+    assert "| seq-fft | 15.0 ± 0.0 | 60.0 ± 10.0 |" in md
+    for name in ("acquisition.png", "bwt.png", "gain_new.png", "gain_old.png"):
+        assert (tmp_path / "out" / "plots" / name).stat().st_size > 5000
