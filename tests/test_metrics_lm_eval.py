@@ -113,6 +113,15 @@ def test_rouge_l_trace_counts_distinct_words_and_is_case_sensitive():
     assert M.rouge_l_trace(["The cat"], ["the cat the"]) == pytest.approx(2 * 0.5 * 0.5 / 1.0, abs=1e-7)
 
 
+def test_rouge_l_trace_argument_order_is_traces():
+    # TRACE: get_scores(hyps=reference, refs=prediction). Reference sentences "b c" / "b", prediction
+    # "c b": for the one "reference" sentence "c b" (the prediction), LCS with "b c" is one word ("b")
+    # and "b" adds nothing new: union 1 of 2 distinct words each side -> P = R = 1/2, F = 1/2.
+    # The other order unions "c" (from "b c") and "b" (from "b"): F = 1.
+    assert M.rouge_l_trace(["c b"], ["b c. b"]) == pytest.approx(0.5, abs=1e-7)
+    assert M.rouge_l_trace(["b c. b"], ["c b"]) == pytest.approx(1.0, abs=1e-7)
+
+
 def test_rouge_l_trace_empty_scores_zero_and_mean_over_pairs():
     assert M.rouge_l_trace(["", "..."], ["a b", "a b"]) == 0.0
     assert M.rouge_l_trace(["a b", "x"], ["a b", "a b"]) == pytest.approx(0.5, abs=1e-7)

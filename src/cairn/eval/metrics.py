@@ -28,8 +28,10 @@ Where we deviate from TRACE's code, and why:
 - ``rouge_l_trace`` (MeetingBank, as TRACE and the seed paper score it): the ``rouge`` package's
   ``Rouge().get_scores(hyps, refs, avg=True)["rouge-l"]["f"]``: *summary-level* ROUGE-L (Lin 2004,
   §3.2: texts split into sentences at ``.``, union LCS over sentences, recall/precision over the
-  number of *distinct* whitespace tokens), case-sensitive, no tokenizer beyond whitespace. We call
-  that package per pair (the average is the same), scoring 0 where it would raise on an empty side.
+  number of *distinct* whitespace tokens), case-sensitive, no tokenizer beyond whitespace. TRACE's
+  ``metrics.caculate_rouge`` calls ``get_scores(target, prediction)`` per pair (reference as the
+  package's hypothesis; the union LCS is not symmetric), skips empty pairs and divides by the total;
+  we do the same, also scoring 0 where the package would raise (a side with no sentence).
 - ``edit_similarity`` (Py150): TRACE's ``fuzzywuzzy`` ``fuzz.ratio`` / 100 after replacing the
   Py150 literal placeholders (``<NUM_LIT>`` -> ``0``, ``<STR_LIT>``/``<CHAR_LIT>`` -> empty,
   ``<STR_LIT:x>`` -> ``x``). We use ``rapidfuzz.fuzz.ratio`` (the same normalised Indel similarity
@@ -345,7 +347,9 @@ def rouge_l_trace_pair(prediction: str, reference: str) -> float:
     # the package's own sentence split; a side without a non-blank sentence cannot be scored
     if not any(p.split() for p in prediction.split(".")) or not any(p.split() for p in reference.split(".")):
         return 0.0
-    return float(_TRACE_ROUGE.get_scores(prediction, reference)[0]["rouge-l"]["f"])
+    # TRACE's score_rouge(target, prediction) passes the reference as the package's *hypothesis*; the
+    # summary-level union LCS is not symmetric across multi-sentence texts, so keep that order
+    return float(_TRACE_ROUGE.get_scores(reference, prediction)[0]["rouge-l"]["f"])
 
 
 def rouge_l_trace(predictions: list[str], references: list[str], prompts: list[str] | None = None) -> float:
