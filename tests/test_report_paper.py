@@ -278,3 +278,19 @@ def test_seeded_experiment_report_builds_with_error_bars(tmp_path):
     assert "| seq-fft | 15.0 ± 0.0 | 60.0 ± 10.0 |" in md
     for name in ("acquisition.png", "bwt.png", "gain_new.png", "gain_old.png"):
         assert (tmp_path / "out" / "plots" / name).stat().st_size > 5000
+
+
+def test_demo_summary_prints_intervals_significance_and_findings(tmp_path, capsys):
+    from cairn.commands.demo import print_summary
+
+    exp = tmp_path / "exp"
+    _seq_with_items(exp, "seq-lora", 0.9, 0.5, old=_old([0.5, 0.6]))
+    _seq_with_items(exp, "seq-fft", 0.9, 0.8, old=_old([0.3, 0.4]))
+    _preds(exp / "base", {"a": [False] * 60, "b": [False] * 60})
+    (exp / "experiment.json").write_text(json.dumps({"methods": ["seq-lora", "seq-fft"]}))
+    (exp / "config.yaml").write_text(CONFIG)
+    print_summary(exp, {"seq-lora": "ok", "seq-fft": "ok"})
+    out = capsys.readouterr().out
+    assert "| seq-lora | 50.0 [" in out and "| seq-fft | 30.0 [" in out  # new and old knowledge, with intervals
+    assert "| seq-lora − seq-fft | -15.0 [" in out
+    assert "LoRA forgets less old knowledge than FFT (sequential)" in out and "| supports |" in out
