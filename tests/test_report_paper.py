@@ -294,3 +294,12 @@ def test_demo_summary_prints_intervals_significance_and_findings(tmp_path, capsy
     assert "| seq-lora | 50.0 [" in out and "| seq-fft | 30.0 [" in out  # new and old knowledge, with intervals
     assert "| seq-lora − seq-fft | -15.0 [" in out
     assert "LoRA forgets less old knowledge than FFT (sequential)" in out and "| supports |" in out
+
+
+def test_seeds_with_different_rounds_are_a_user_error(tmp_path):
+    from cairn.errors import CairnError
+
+    runs = {0: _res("seq-fft", SEEDS[0], SEQ_ROWS, seed=0), 1: _res("seq-fft", SEEDS[1][:2], SEQ_ROWS[:2], seed=1)}
+    exp = _exp(tmp_path / "exp", {"seq-fft": runs})
+    with pytest.raises(CairnError, match="different tasks or rounds"):
+        load_runs([exp])
