@@ -184,9 +184,12 @@ class CombineConfig:
     method: str = _help("merge: linear (average), task_arithmetic, ties, dare, dare_ties.", "ties")
     params: dict[str, Any] = _help("Method parameters: merge: weights, density, lam, sign_method, weight_order, "
                                    "seed; moe: top_k, router_init, normalisation, ...", factory=dict)
+    # [paper helper, issue 11] default per_factor -> full (mean ΔW merged into the base, the seed code's average)
     lora_mode: Literal["per_factor", "svd", "full"] = _help(
-        "LoRA ingredients: per_factor merges A's and B's separately (PEFT add_weighted_adapter, the seed "
-        "paper); svd merges ΔW=B·A and re-factorises; full writes a merged full model.", "per_factor")
+        "LoRA ingredients: full merges the updates ΔW=B·A into the base and writes a full model (the default; "
+        "with 'linear' that is base + mean ΔW, the seed code's averaging); per_factor merges A's and B's "
+        "separately, PEFT add_weighted_adapter's behaviour (B·A of the merge is not the mean ΔW); svd merges "
+        "ΔW and re-factorises to an adapter.", "full")
     rank: int | None = _help("Rank of the re-factorised adapter (lora_mode: svd).", None)
     router_training: dict[str, Any] | None = _help("moe: train only the routers on the tasks' training data "
                                                    "(training settings overrides; null: no router training).", None)

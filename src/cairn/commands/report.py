@@ -13,8 +13,10 @@ def register(subparsers) -> None:
         description=(
             "Build the paper-style tables (Markdown, CSV, LaTeX), plots (PNG) and one self-contained "
             "report.html from saved results only. Each RUN_DIR is a run directory (with results.json) "
-            "or an experiment directory (with experiment.json and one run directory per method); "
-            "several are compared as methods."
+            "or an experiment directory (with experiment.json and one run directory per method, or "
+            "<method>/seed-<s>/ per seed); several are compared as methods. Seeds give mean ± sd; single "
+            "seeds get per-item bootstrap intervals; with several methods the report adds a significance "
+            "table and a findings section (the papers' claims: supports / contradicts / cannot tell)."
         ),
     )
     p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="run or experiment directory")

@@ -38,6 +38,10 @@ Standard figures (Lopez-Paz & Ranzato 2017, GEM, arXiv:1706.08840), in score uni
 - ``last_average(R) = mean_i R[K][i]``; ``acquisition(R)[i] = R[i+1][i]`` (paper Fig. 5).
 
 Means skip ``None`` entries; a figure with no defined term is ``None``.
+
+Several seeds (:func:`summarize_seeds`): every figure is computed on each seed's matrix, then given
+as mean and sample standard deviation (n - 1) over the seeds where it is defined; figures are not
+computed on the mean matrix (a mean of ratios is not the ratio of means).
 """
 
 from __future__ import annotations
@@ -208,3 +212,38 @@ def summarize(R: Matrix, task_names: Sequence[str], row_labels: Sequence[str] | 
         "fwt": fwt(R) if seq else None,
         "average_accuracy": average_accuracy(R) if seq else None,
     }
+
+
+def _mean_sd(values) -> dict:
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return {"mean": None, "sd": None, "n": 0}
+    m = sum(vals) / len(vals)
+    sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else None
+    return {"mean": m, "sd": sd, "n": len(vals)}
+
+
+def summarize_seeds(matrices: Sequence[Matrix], task_names: Sequence[str],
+                    row_labels: Sequence[str] | None = None) -> dict:
+    """:func:`summarize` per seed, then ``{figure: {"mean", "sd", "n"}}`` (per-task lists: one per task).
+
+    Every matrix must have the same shape (the same rounds and tasks); the per-seed summaries are
+    kept under ``"seeds"``.
+    """
+    if not matrices:
+        raise CairnError("no results matrices to summarise; give one per seed.")
+    shapes = {check_matrix(R) for R in matrices}
+    if len(shapes) != 1:
+        raise CairnError(f"the seeds' results matrices differ in shape ({sorted(shapes)} as (rounds, tasks)); "
+                         "every seed must run the same curriculum to the same round.")
+    per = [summarize(R, task_names, row_labels) for R in matrices]
+    out: dict = {"tasks": list(task_names), "rounds": per[0]["rounds"], "curriculum": per[0]["curriculum"],
+                 "seeds": per}
+    for key, value in per[0].items():
+        if key in ("tasks", "rounds", "curriculum"):
+            continue
+        if isinstance(value, list):
+            out[key] = [_mean_sd(p[key][i] for p in per) for i in range(len(value))]
+        else:
+            out[key] = _mean_sd(p[key] for p in per)
+    return out

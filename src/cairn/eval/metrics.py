@@ -21,10 +21,17 @@ Where we deviate from TRACE's code, and why:
   when both sides parse as numbers, compare by value, so ``"6.0"`` matches ``"6"``; answers that are
   not numbers (NumGLUE-cm has ``"Friday"``) still need an exact (stripped) string match. This never
   marks wrong an answer TRACE counts right.
-- ``rouge_l`` (MeetingBank): TRACE uses the ``rouge`` package; we use Google's ``rouge_score``
-  (ROUGE-L F-measure, no stemming). Its default tokenizer drops every non-ASCII letter, so we pass
-  a tokenizer that does the same thing Unicode-aware (lower-case, split on anything that is not a
-  letter or digit); on ASCII text it yields exactly the default tokens.
+- ``rouge_l`` (MeetingBank): Google's ``rouge_score`` (sentence-level ROUGE-L F-measure, no
+  stemming). Its default tokenizer drops every non-ASCII letter, so we pass a tokenizer that does the
+  same thing Unicode-aware (lower-case, split on anything that is not a letter or digit); on ASCII
+  text it yields exactly the default tokens. Not TRACE's numbers: see ``rouge_l_trace``.
+- ``rouge_l_trace`` (MeetingBank, as TRACE and the seed paper score it): the ``rouge`` package's
+  ``Rouge().get_scores(hyps, refs, avg=True)["rouge-l"]["f"]``: *summary-level* ROUGE-L (Lin 2004,
+  §3.2: texts split into sentences at ``.``, union LCS over sentences, recall/precision over the
+  number of *distinct* whitespace tokens), case-sensitive, no tokenizer beyond whitespace. TRACE's
+  ``metrics.caculate_rouge`` calls ``get_scores(target, prediction)`` per pair (reference as the
+  package's hypothesis; the union LCS is not symmetric), skips empty pairs and divides by the total;
+  we do the same, also scoring 0 where the package would raise (a side with no sentence).
 - ``edit_similarity`` (Py150): TRACE's ``fuzzywuzzy`` ``fuzz.ratio`` / 100 after replacing the
   Py150 literal placeholders (``<NUM_LIT>`` -> ``0``, ``<STR_LIT>``/``<CHAR_LIT>`` -> empty,
   ``<STR_LIT:x>`` -> ``x``). We use ``rapidfuzz.fuzz.ratio`` (the same normalised Indel similarity
@@ -32,7 +39,15 @@ Where we deviate from TRACE's code, and why:
 - ``sari`` (20Minuten): TRACE calls the Hugging Face ``sari`` metric, i.e. the tensor2tensor
   variant of SARI (Xu et al. 2016, TACL 4) with EASSE normalisation; we re-implement exactly that
   variant (see :func:`sari_sentence`) and divide by 100.
+- ``gsm8k_strict`` / ``gsm8k_flexible`` / ``gsm8k_cot_strict`` / ``gsm8k_cot_flexible``: exact match
+  of lm-evaluation-harness's ``gsm8k`` / ``gsm8k_cot`` tasks (extraction regexes and normalisation in
+  :mod:`cairn.eval.gsm8k`); ``gsm8k`` (final number, compared by value) stays for lenient scoring.
 - Empty predictions score 0 everywhere, as in TRACE (which skips them but divides by the total).
+
+A task may carry several metrics: :func:`score_all` scores them all; :func:`item_scores` gives the
+per-example scores a bootstrap interval needs; :func:`validate_metric_for_answers` rejects a metric
+that cannot score a task's references, and :func:`label_collisions` finds labels that TRACE's
+first-character ``accuracy`` cannot tell apart.
 """
 
 from __future__ import annotations
@@ -313,6 +328,58 @@ def sari(predictions: list[str], references: list[str], prompts: list[str] | Non
     return _mean([sari_sentence(s, p, [r]) for s, p, r in zip(prompts, predictions, references)])
 
 
+# ---------------------------------------------------------------- ROUGE-L as TRACE computes it
+
+_TRACE_ROUGE = None
+
+
+def rouge_l_trace_pair(prediction: str, reference: str) -> float:
+    """Summary-level ROUGE-L F of one pair, exactly the ``rouge`` package TRACE calls (0 if a side is empty).
+
+    The package splits each text at ``.`` into sentences (dropping empty pieces) and raises on a text
+    with no sentence; TRACE would crash there, we score 0 like an empty prediction.
+    """
+    global _TRACE_ROUGE
+    if _TRACE_ROUGE is None:
+        from rouge import Rouge
+
+        _TRACE_ROUGE = Rouge(metrics=["rouge-l"])
+    # the package's own sentence split; a side without a non-blank sentence cannot be scored
+    if not any(p.split() for p in prediction.split(".")) or not any(p.split() for p in reference.split(".")):
+        return 0.0
+    # TRACE's score_rouge(target, prediction) passes the reference as the package's *hypothesis*; the
+    # summary-level union LCS is not symmetric across multi-sentence texts, so keep that order
+    return float(_TRACE_ROUGE.get_scores(reference, prediction)[0]["rouge-l"]["f"])
+
+
+def rouge_l_trace(predictions: list[str], references: list[str], prompts: list[str] | None = None) -> float:
+    """Mean summary-level ROUGE-L F (the ``rouge`` package, TRACE's ``caculate_rouge``)."""
+    _check(predictions, references, "rouge_l_trace")
+    return _mean([rouge_l_trace_pair(p, r) for p, r in zip(predictions, references)])
+
+
+# ---------------------------------------------------------------- GSM8K as lm-evaluation-harness scores it
+
+
+def _lm_eval_gsm8k(name: str, extract_name: str) -> Metric:
+    def metric(predictions: list[str], references: list[str], prompts: list[str] | None = None) -> float:
+        from cairn.eval import gsm8k as G
+
+        _check(predictions, references, name)
+        extract = getattr(G, extract_name)
+        return _mean([G.exact_match(extract(p), r) for p, r in zip(predictions, references)])
+
+    metric.__name__ = name
+    metric.__doc__ = f"lm-eval exact match after its {extract_name.replace('extract_', '')} filter ({name})."
+    return metric
+
+
+gsm8k_strict = _lm_eval_gsm8k("gsm8k_strict", "extract_strict")
+gsm8k_flexible = _lm_eval_gsm8k("gsm8k_flexible", "extract_flexible")
+gsm8k_cot_strict = _lm_eval_gsm8k("gsm8k_cot_strict", "extract_cot_strict")
+gsm8k_cot_flexible = _lm_eval_gsm8k("gsm8k_cot_flexible", "extract_flexible")
+
+
 # ---------------------------------------------------------------- registry
 
 METRICS: dict[str, Metric] = {
@@ -320,10 +387,19 @@ METRICS: dict[str, Metric] = {
     "numeric_accuracy": numeric_accuracy,
     "exact_match": exact_match,
     "rouge_l": rouge_l,
+    "rouge_l_trace": rouge_l_trace,
     "edit_similarity": edit_similarity,
     "sari": sari,
     "gsm8k": gsm8k,
+    "gsm8k_strict": gsm8k_strict,
+    "gsm8k_flexible": gsm8k_flexible,
+    "gsm8k_cot_strict": gsm8k_cot_strict,
+    "gsm8k_cot_flexible": gsm8k_cot_flexible,
 }
+
+# metrics whose references must hold a GSM8K final answer ("... #### N" or a bare number)
+_GSM8K_METRICS = {"gsm8k", "gsm8k_strict", "gsm8k_flexible", "gsm8k_cot_strict", "gsm8k_cot_flexible"}
+_GSM8K_REF_RE = re.compile(r"(?:####\s*|^\s*)\$?-?[0-9][0-9.,]*\s*$")
 
 
 def get_metric(name: str) -> Metric:
@@ -335,3 +411,77 @@ def get_metric(name: str) -> Metric:
             f"unknown metric {name!r}; available metrics: {', '.join(sorted(METRICS))}. "
             "Set the task's 'metric' to one of these."
         ) from None
+
+
+def score_all(metric_names: list[str], predictions: list[str], references: list[str],
+              prompts: list[str] | None = None) -> dict[str, float]:
+    """``{name: score}`` for every metric of a task, in the given order (names checked first)."""
+    if not metric_names:
+        raise CairnError("score_all: no metric names given; a task needs at least one metric.")
+    fns = {name: get_metric(name) for name in metric_names}
+    return {name: float(fn(predictions, references, prompts)) for name, fn in fns.items()}
+
+
+def item_scores(name: str, predictions: list[str], references: list[str],
+                prompts: list[str] | None = None) -> list[float]:
+    """Per-example scores of metric ``name`` (their mean is the metric), for bootstrap intervals.
+
+    Every metric here is a mean of independent per-example scores, so scoring one example at a time
+    gives exactly the terms of that mean.
+    """
+    fn = get_metric(name)
+    _check(predictions, references, name)
+    ps = prompts if prompts is not None else [None] * len(predictions)
+    return [float(fn([p], [r], None if s is None else [s])) for p, r, s in zip(predictions, references, ps)]
+
+
+def validate_metric_for_answers(name: str, answers: list[str], where: str = "task") -> None:
+    """Raise :class:`CairnError` when metric ``name`` cannot score these reference answers.
+
+    Checks: the metric exists; there are answers; no answer is empty (it would score 0 whatever the
+    model says); GSM8K metrics need references ending in ``#### <number>`` or a bare number (MetaMath's
+    ``The answer is: N`` must be mapped first); ``numeric_accuracy`` needs at least one numeric answer.
+    """
+    get_metric(name)
+    if not answers:
+        raise CairnError(f"{where}: metric {name!r} has no reference answers to score; the test split is empty.")
+    for i, a in enumerate(answers):
+        if not isinstance(a, str) or not a.strip():
+            raise CairnError(
+                f"{where}: answer #{i} is {a!r}; metric {name!r} cannot score an empty reference. "
+                "Fix the data file or the task's answer_field.")
+    if name in _GSM8K_METRICS:
+        for i, a in enumerate(answers):
+            if not _GSM8K_REF_RE.search(a):
+                raise CairnError(
+                    f"{where}: answer #{i} ({a[-60:]!r}) does not end with '#### <number>' or a bare number, so "
+                    f"metric {name!r} cannot score it. Point answer_field at the GSM8K solution, or use a "
+                    "metric such as 'exact_match'.")
+    if name == "numeric_accuracy" and not any(parse_number(a) is not None for a in answers):
+        raise CairnError(f"{where}: no answer is a number, so 'numeric_accuracy' only does string matching; "
+                         "use 'exact_match' (or 'accuracy' for single-letter labels).")
+
+
+def label_collisions(metric: str, labels: list[str]) -> dict[str, list[str]]:
+    """Distinct labels that ``metric`` scores as the same answer: ``{key: [labels...]}``.
+
+    Only first-character ``accuracy`` (TRACE's) can confuse labels: ``World / Sports / Business /
+    Science or Technology`` gives ``{"S": ["Sports", "Science or Technology"]}``. Use ``exact_match``
+    on such tasks instead.
+    """
+    if metric != "accuracy":
+        return {}
+    groups: dict[str, list[str]] = {}
+    for lab in dict.fromkeys(l.strip() for l in labels if l.strip()):
+        groups.setdefault(_first_char(lab), []).append(lab)
+    return {k: v for k, v in groups.items() if len(v) > 1}
+
+
+def collision_warning(metric: str, labels: list[str], where: str = "task") -> str | None:
+    """A warning naming the colliding labels and the metric to use instead, or ``None``."""
+    coll = label_collisions(metric, labels)
+    if not coll:
+        return None
+    parts = "; ".join(f"{', '.join(map(repr, v))} all start with {k!r}" for k, v in coll.items())
+    return (f"{where}: metric {metric!r} compares only the first character, so it cannot tell these labels "
+            f"apart: {parts}. Use metric 'exact_match' (whole label) instead.")

@@ -5,7 +5,9 @@
 - ``tables/<name>.{md,csv,tex}``: the paper-shaped tables (see :mod:`cairn.report.tables`), and
   ``tables.md`` with all of them;
 - ``plots/*.png`` (see :mod:`cairn.report.plots`);
-- ``report.html``: one self-contained page with every table, figure and each run's configuration.
+- ``report.html``: one self-contained page with every table, figure and each run's configuration;
+- ``findings.md`` (several methods): the seed paper's checkable claims and whether this run
+  supports, contradicts or cannot tell them (see :mod:`cairn.report.findings`).
 
 Several directories (or an experiment directory with one sub-directory per method) are compared as
 methods. The default ``out_dir`` is ``<first dir>/report``. Files are written one by one atomically,
@@ -21,9 +23,11 @@ from pathlib import Path
 from cairn.atomic import write_text
 from cairn.report.html import Figure, Section, pretty_json, render_page
 from cairn.report.runs import Loaded, Run, load_runs
+from cairn.report.findings import findings_markdown, findings_section
 from cairn.report.tables import (
     Table,
     comparison_tables,
+    significance_table,
     diagnostics_table,
     new_knowledge_table,
     new_knowledge_table_markdown,
@@ -80,6 +84,8 @@ def _figures_for(runs: list[Run], plot_dir: Path, stem: str) -> list[Figure]:
          "Final gain from base on new knowledge (paper Figs. 7/9)."),
         (lambda rs, p: plots.gain_plot(rs, p, "old"), f"gain_old{stem}.png",
          "Final gain from base on old knowledge (paper Figs. 7/10)."),
+        (plots.one_round_old_plot, f"one_round_old{stem}.png",
+         "Old knowledge averaged over each one-round method's models, per test, next to the base (paper Fig. 2)."),
         retention,
     ]
     figs = []
@@ -108,8 +114,15 @@ def build_report(run_dirs: list[Path], out_dir: Path | None = None) -> Path:
     markdown: list[str] = []
     sections: list[Section] = []
 
-    comp = comparison_tables(runs)
+    comp = comparison_tables(runs, old_intervals=True)
+    sig = significance_table(runs) if multi else None
+    if sig is not None:
+        comp = comp + [sig]
     if multi:
+        fs = findings_section(runs)
+        sections.append(fs)
+        write_text(out / "findings.md", findings_markdown(fs))
+        markdown.append(findings_markdown(fs))
         cs = Section("Method comparison", tables=comp)
         cs.warnings += [f"Method {m} is not shown: {status}." for m, status in loaded.skipped]
         cs.figures = _figures_for(runs, plot_dir, "")
@@ -123,15 +136,16 @@ def build_report(run_dirs: list[Path], out_dir: Path | None = None) -> Path:
         s = Section(run.label if multi else f"Run: {run.label}", meta=_run_meta(run))
         if not multi:
             s.warnings += [f"Method {m} is not shown: {status}." for m, status in loaded.skipped]
-        tables = [new_knowledge_table(run.results, run.label)]
-        old = old_knowledge_table(run.results, run.label)
+        reps = [x.results for x in run.replicas] if run.seeded else None
+        tables = [new_knowledge_table(run.results, run.label, reps, run.spec)]
+        old = old_knowledge_table(run.results, run.label, reps, run.spec)
         if old is not None:
             tables.append(old)
         diag = diagnostics_table(run.results, run.label)
         if diag is not None:
             tables.append(diag)
         if not multi:
-            tables.append(comp[-1])  # the one-line summary of figures
+            tables.append(next(t for t in comp if t.name == "comparison_summary"))  # the one-line summary
         for t in tables:
             _write_table(t, out, f"{t.name}_{stem}" if t.name != "comparison_summary" else "summary")
             markdown.append(to_markdown(t))

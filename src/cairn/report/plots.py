@@ -3,8 +3,11 @@
 Figures follow the seed paper (Lee & Wynter 2024, arXiv:2410.13699): per-task acquisition right
 after each task's own round (Fig. 5), per-task BWT at the end (Fig. 6), final gain from base per
 method on new and old knowledge (Figs. 7-10), plus a round x task heatmap and old-knowledge
-retention per round. Every function returns the PNG path, or ``None`` when its data is absent
-(e.g. no old-knowledge scores, or only non-sequential methods for BWT) so the report skips it.
+retention per round, and Fig. 2 (old knowledge averaged over each one-round method's models).
+One-round methods enter the acquisition and gain figures with each task's own model (the
+diagonal); methods run with several seeds are drawn at their mean with ± sd error bars. Every
+function returns the PNG path, or ``None`` when its data is absent (e.g. no old-knowledge scores,
+or only non-sequential methods for BWT) so the report skips it.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from matplotlib.figure import Figure
 
 from cairn.eval import continual as C
 from cairn.report.runs import Run
-from cairn.report.tables import old_knowledge_matrix
+from cairn.report.stats import mean_sd
+from cairn.report.tables import final_new, final_old, gain_matrix, old_knowledge_matrix
 
 DPI = 110
 
@@ -33,7 +37,8 @@ def _save(fig: Figure, path: Path) -> Path:
 
 
 def _grouped_bars(groups: list[str], series: dict[str, list[float | None]], ylabel: str, title: str,
-                  path: Path, percent_axis: bool = False) -> Path | None:
+                  path: Path, percent_axis: bool = False,
+                  errors: dict[str, list[float | None]] | None = None) -> Path | None:
     """Bars per group (task), one colour per series (method); ``None`` if every value is missing."""
     if not series or all(v is None for vals in series.values() for v in vals):
         return None
@@ -44,7 +49,9 @@ def _grouped_bars(groups: list[str], series: dict[str, list[float | None]], ylab
     label_bars = n * len(groups) <= 40  # value labels only while they stay legible
     for j, (name, vals) in enumerate(series.items()):
         xs = [g + (j - (n - 1) / 2) * width for g in range(len(groups))]
-        bars = ax.bar(xs, [_nan(v) for v in vals], width=width, label=name)
+        err = (errors or {}).get(name)
+        yerr = [0.0 if e is None else e for e in err] if err and any(e is not None for e in err) else None
+        bars = ax.bar(xs, [_nan(v) for v in vals], width=width, label=name, yerr=yerr, capsize=2 if yerr else 0)
         if label_bars:  # also makes a zero-height bar visible as "0"
             ax.bar_label(bars, labels=["" if v is None else f"{v:.0f}" for v in vals], fontsize=7, padding=1)
     ax.set_xticks(range(len(groups)), groups, rotation=30 if len(groups) > 5 else 0, ha="right" if len(groups) > 5 else "center")
@@ -104,12 +111,30 @@ def _by_task(runs: list[Run], values: dict[str, list[float | None]]) -> tuple[li
 
 def acquisition_plot(runs: list[Run], path: Path) -> Path | None:
     """Paper Fig. 5: each task's score right after its own round, bars per method."""
-    seq = _curriculum_runs(runs)
+    seq = [r for r in runs if r.one_round or r in _curriculum_runs([r])]
     if not seq:
         return None
-    vals = {r.label: [None if v is None else 100 * v for v in C.acquisition(r.results["matrix"])] for r in seq}
+
+    def acq(results: dict, r: Run) -> list[float | None]:
+        vals = final_new(results, r.spec) if r.one_round else C.acquisition(results["matrix"])
+        return [None if v is None else 100 * v for v in vals]
+
+    vals, errs = _seed_stats(seq, acq)
     tasks, aligned = _by_task(seq, vals)
-    return _grouped_bars(tasks, aligned, "score x100", "Acquisition: score right after the task's own round", path)
+    _, aligned_err = _by_task(seq, errs)
+    return _grouped_bars(tasks, aligned, "score x100", "Acquisition: score right after the task's own round "
+                         "(one-round: the task's own model)", path, errors=aligned_err)
+
+
+def _seed_stats(runs: list[Run], fn) -> tuple[dict[str, list], dict[str, list]]:
+    """Per run, the mean over seeds of ``fn(results, run)`` (a per-task list) and its sd."""
+    means, sds = {}, {}
+    for r in runs:
+        per = [fn(x.results, r) for x in r.replicas]
+        stats = [mean_sd([p[i] for p in per]) for i in range(len(per[0]))]
+        means[r.label] = [m for m, _, _ in stats]
+        sds[r.label] = [sd for _, sd, _ in stats]
+    return means, sds
 
 
 def bwt_plot(runs: list[Run], path: Path) -> Path | None:
@@ -117,52 +142,90 @@ def bwt_plot(runs: list[Run], path: Path) -> Path | None:
     seq = [r for r in _curriculum_runs(runs) if len(r.results["matrix"]) > 2]
     if not seq:
         return None
-    vals = {r.label: C.bwt_paper(r.results["matrix"]) for r in seq}
+    vals, errs = _seed_stats(seq, lambda res, r: C.bwt_paper(res["matrix"]))
     tasks, aligned = _by_task(seq, vals)
-    return _grouped_bars(tasks, aligned, "BWT (%)", "Backward transfer per task after the last round", path, True)
+    _, aligned_err = _by_task(seq, errs)
+    return _grouped_bars(tasks, aligned, "BWT (%)", "Backward transfer per task after the last round", path, True,
+                         errors=aligned_err)
 
 
-def _gain_series(mats: dict[str, tuple[list[str], list[list[float | None]]]]):
+def _gain_series(mats: dict[str, list[tuple[list[str], list[list[float | None]]]]]):
     """Per-method gains from base (percent) with an AVE group, or change in points when some
-    relative gain is undefined (a base score of 0), so that no bar silently goes missing."""
-    rel = {lab: C.gain_from_base([M[0], M[-1]]) for lab, (_, M) in mats.items()}
-    use_pct = all(g is not None for gains in rel.values() for g in gains)
-    vals = {}
-    for lab, (_, M) in mats.items():
-        if use_pct:
-            vals[lab] = rel[lab]
-        else:
-            vals[lab] = C.gain_from_base_points([M[0], M[-1]])
+    relative gain is undefined (a base score of 0), so that no bar silently goes missing.
+    ``mats[label]`` holds one (names, [base row, final row]) per seed; bars are the mean over seeds."""
+    use_pct = all(g is not None for reps in mats.values() for _, M in reps for g in C.gain_from_base(M))
     tasks: list[str] = []
-    for names, _ in mats.values():
-        tasks += [t for t in names if t not in tasks]
-    aligned = {lab: [dict(zip(mats[lab][0], v)).get(t) for t in tasks] for lab, v in vals.items()}
-    for lab, v in aligned.items():
-        defined = [x for x in v if x is not None]
-        v.append(sum(defined) / len(defined) if defined else None)
-    return tasks + ["AVE"], aligned, use_pct
+    for reps in mats.values():
+        tasks += [t for t in reps[0][0] if t not in tasks]
+    aligned, errors = {}, {}
+    for lab, reps in mats.items():
+        per_seed = []
+        for names, M in reps:
+            v = C.gain_from_base(M) if use_pct else C.gain_from_base_points(M)
+            row = [dict(zip(names, v)).get(t) for t in tasks]
+            defined = [x for x in row if x is not None]
+            per_seed.append(row + [sum(defined) / len(defined) if defined else None])
+        stats = [mean_sd([p[i] for p in per_seed]) for i in range(len(tasks) + 1)]
+        aligned[lab] = [m for m, _, _ in stats]
+        errors[lab] = [sd for _, sd, _ in stats]
+    return tasks + ["AVE"], aligned, use_pct, errors
 
 
 def gain_plot(runs: list[Run], path: Path, which: str) -> Path | None:
     """Paper Figs. 7-10: final gain from base per task and method, for 'new' or 'old' knowledge."""
-    mats: dict[str, tuple[list[str], list[list[float | None]]]] = {}
+    mats: dict[str, list[tuple[list[str], list[list[float | None]]]]] = {}
     for r in runs:
-        if which == "new":
-            M = r.results["matrix"]
-            if len(M) >= 2:
-                mats[r.label] = (r.task_names, M)
-        else:
-            o = old_knowledge_matrix(r.results)
-            if o is not None and o[1][0] == "base" and len(o[2]) > 1:
-                mats[r.label] = (o[0], o[2])
+        reps = []
+        for x in r.replicas:
+            res = x.results
+            if which == "new":
+                if len(res["matrix"]) >= 2:
+                    reps.append((r.task_names, gain_matrix(res, r.spec)))
+            else:
+                o, fo = old_knowledge_matrix(res), final_old(res, r.spec)
+                if o is not None and fo[1] is not None and len(o[2]) > 1:
+                    reps.append((fo[0], [fo[1], fo[2]]))
+        if reps:
+            mats[r.label] = reps
     if not mats:
         return None
-    groups, series, pct = _gain_series(mats)
+    groups, series, pct, errors = _gain_series(mats)
     what = "New knowledge" if which == "new" else "Old knowledge"
     if pct:
-        return _grouped_bars(groups, series, "gain from base (%)", f"{what}: final gain from base", path, True)
+        return _grouped_bars(groups, series, "gain from base (%)", f"{what}: final gain from base", path, True,
+                             errors=errors)
     return _grouped_bars(groups, series, "change from base (points)",
-                         f"{what}: final change from base (points; some base scores are 0)", path)
+                         f"{what}: final change from base (points; some base scores are 0)", path, errors=errors)
+
+
+def one_round_old_plot(runs: list[Run], path: Path) -> Path | None:
+    """Paper Fig. 2: old-knowledge scores averaged over each one-round method's models, with the base."""
+    items = []
+    for r in runs:
+        if not r.one_round:
+            continue
+        per = [final_old(x.results, r.spec) for x in r.replicas]
+        per = [p for p in per if p is not None and p[1] is not None and any(v is not None for v in p[2])]
+        if per:
+            items.append((r, per))
+    if not items:
+        return None
+    names = items[0][1][0][0]
+    base = items[0][1][0][1]
+
+    def with_ave(row):
+        d = [v for v in row if v is not None]
+        return [None if v is None else 100 * v for v in row] + [100 * sum(d) / len(d) if d else None]
+
+    series = {"base": with_ave(base)}
+    errors: dict[str, list[float | None]] = {"base": [None] * (len(names) + 1)}
+    for r, per in items:
+        rows = [with_ave([dict(zip(p[0], p[2])).get(t) for t in names]) for p in per]
+        stats = [mean_sd([row[i] for row in rows]) for i in range(len(names) + 1)]
+        series[r.label] = [m for m, _, _ in stats]
+        errors[r.label] = [sd for _, sd, _ in stats]
+    return _grouped_bars(names + ["AVE"], series, "score x100",
+                         "Old knowledge averaged over the one-round models (paper Fig. 2)", path, errors=errors)
 
 
 def old_average_plot(runs: list[Run], path: Path) -> Path | None:

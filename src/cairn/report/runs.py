@@ -3,6 +3,15 @@
 A run directory holds ``results.json`` (and usually ``config.yaml``); an experiment directory holds
 ``experiment.json`` listing its methods, one run directory per method. The schema is the one the
 experiment runner writes; this module only reads it and checks the keys a report needs.
+
+Seeds: a method run with several seeds has ``<method>/seed-<s>/`` directories, each a run directory
+with the single-seed layout. Such a method becomes one :class:`Run` whose ``results`` hold the
+element-wise *mean* over seeds (so every table and plot works unchanged) and whose ``seed_runs`` hold
+the per-seed runs (for ± sd and per-item tests). A method's *spec* (strategy, trainable, replay,
+O-LoRA / N-LoRA, combiner kind and source) comes from ``results.json`` when the runner wrote it, else
+from the experiment's or the method's ``config.yaml``; the findings page uses it to find the methods
+a claim is about. A one-round method is recognised by ``strategy: one-round`` or, in older runs, by
+its rows ``only-<task>`` in task order.
 """
 
 from __future__ import annotations
@@ -16,16 +25,53 @@ from cairn.errors import CairnError
 
 @dataclass
 class Run:
-    """One method's saved results."""
+    """One method's saved results (the mean over seeds when ``seed_runs`` is not empty)."""
 
     label: str
     path: Path
     results: dict
     config_text: str | None = None
+    seed_runs: list["Run"] = field(default_factory=list)
+    spec: dict = field(default_factory=dict)
 
     @property
     def task_names(self) -> list[str]:
         return task_names(self.results)
+
+    @property
+    def seeded(self) -> bool:
+        """Several seeds: tables show mean ± sd over ``seed_runs``."""
+        return len(self.seed_runs) > 1
+
+    @property
+    def replicas(self) -> list["Run"]:
+        """The per-seed runs, or this run alone."""
+        return self.seed_runs or [self]
+
+    @property
+    def strategy(self) -> str:
+        return strategy_of(self.results, self.spec)
+
+    @property
+    def one_round(self) -> bool:
+        return self.strategy == "one-round"
+
+
+def strategy_of(results: dict, spec: dict | None = None) -> str:
+    """'one-round', 'joint', 'sequential' or 'combined' (a merge or mixture) for a results dict."""
+    if results.get("strategy"):
+        return str(results["strategy"])
+    spec = spec or {}
+    if spec.get("kind"):
+        return "combined"
+    if spec.get("strategy"):
+        return str(spec["strategy"])
+    names, rows = task_names(results), list(results.get("rows") or [])
+    if len(rows) > 1 and rows[1:] == [f"only-{t}" for t in names[: len(rows) - 1]]:
+        return "one-round"
+    if rows[1:] == ["joint"]:
+        return "joint"
+    return "sequential"
 
 
 @dataclass
@@ -79,17 +125,107 @@ def _read_json(path: Path) -> dict:
         raise CairnError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}): {exc.msg}.") from None
 
 
-def load_run(path: Path, label: str | None = None) -> Run:
+def _config_specs(text: str | None) -> dict[str, dict]:
+    """``{name: spec}`` for every method and combiner of a config.yaml text (empty if unreadable)."""
+    if not text:
+        return {}
+    try:
+        import yaml
+
+        cfg = yaml.safe_load(text) or {}
+    except Exception:  # a report must not fail on a config it only reads for labels
+        return {}
+    methods = {m.get("name"): m for m in cfg.get("methods") or [] if isinstance(m, dict)}
+    specs: dict[str, dict] = {}
+    for name, m in methods.items():
+        specs[name] = {"strategy": m.get("strategy", "sequential"), "trainable": m.get("trainable", "lora"),
+                       "replay": m.get("replay", 0.0), "olora": m.get("olora"), "nlora": m.get("nlora")}
+    for c in cfg.get("combine") or []:
+        if isinstance(c, dict):
+            src = methods.get(c.get("source")) or {}
+            specs[c.get("name")] = {"kind": c.get("kind", "merge"), "method": c.get("method"),
+                                    "source": c.get("source"), "trainable": src.get("trainable", "lora")}
+    return specs
+
+
+def _spec(results: dict, name: str, specs: dict[str, dict]) -> dict:
+    spec = dict(specs.get(name) or {})
+    for key in ("strategy", "trainable", "replay", "kind", "source"):
+        if results.get(key) is not None:
+            spec[key] = results[key]
+    return spec
+
+
+def load_run(path: Path, label: str | None = None, specs: dict[str, dict] | None = None) -> Run:
     path = Path(path)
     res_path = path / "results.json"
     results = validate_results(_read_json(res_path), str(res_path))
     cfg = path / "config.yaml"
-    return Run(
-        label=label or str(results.get("name") or path.name),
-        path=path,
-        results=results,
-        config_text=cfg.read_text(encoding="utf-8") if cfg.is_file() else None,
-    )
+    text = cfg.read_text(encoding="utf-8") if cfg.is_file() else None
+    name = label or str(results.get("name") or path.name)
+    all_specs = dict(specs or {})
+    for k, v in _config_specs(text).items():
+        all_specs.setdefault(k, v)
+    return Run(label=name, path=path, results=results, config_text=text,
+               spec=_spec(results, str(results.get("name") or name), all_specs))
+
+
+def seed_dirs(path: Path) -> list[tuple[int, Path]]:
+    """``(seed, dir)`` of every ``seed-<s>/`` under a method directory, by seed."""
+    out = []
+    for d in Path(path).glob("seed-*"):
+        tail = d.name[len("seed-"):]
+        if d.is_dir() and tail.lstrip("-").isdigit():
+            out.append((int(tail), d))
+    return sorted(out)
+
+
+def _mean_rows(rows: list[list | None]) -> list | None:
+    rows = [r for r in rows if r is not None]
+    if not rows:
+        return None
+    out = []
+    for vals in zip(*rows):
+        d = [v for v in vals if v is not None]
+        out.append(sum(d) / len(d) if d else None)
+    return out
+
+
+def aggregate_results(per_seed: list[dict], where: str) -> dict:
+    """The element-wise mean over seeds of the matrices (tasks and rows must agree)."""
+    first = per_seed[0]
+    for r in per_seed[1:]:
+        if task_names(r) != task_names(first) or list(r["rows"]) != list(first["rows"]):
+            raise CairnError(f"{where}: the seeds have different tasks or rounds; a seed may be unfinished "
+                             "or from another config. Rerun the missing rounds (cairn resumes per seed).")
+    out = {k: v for k, v in first.items() if k not in ("matrix", "old_knowledge", "figures", "diagnostics")}
+    out["matrix"] = [_mean_rows([r["matrix"][k] for r in per_seed]) for k in range(len(first["matrix"]))]
+    olds = [r.get("old_knowledge") for r in per_seed]
+    if all(olds) and all(o["tasks"] == olds[0]["tasks"] for o in olds):
+        out["old_knowledge"] = {
+            "tasks": olds[0]["tasks"], "metric": olds[0].get("metric", {}),
+            "matrix": [_mean_rows([o["matrix"][k] for o in olds]) for k in range(len(olds[0]["matrix"]))],
+        }
+    out["seeds"] = [r.get("seed") for r in per_seed]
+    return out
+
+
+def load_seeded(path: Path, label: str, specs: dict[str, dict] | None = None) -> tuple[Run | None, list[str]]:
+    """A method with ``seed-<s>/`` directories as one run (mean results) and the seeds left out."""
+    runs, missing = [], []
+    for s, d in seed_dirs(path):
+        if (d / "results.json").is_file():
+            r = load_run(d, label=f"{label} (seed {s})", specs=specs)
+            r.results.setdefault("seed", s)
+            runs.append(r)
+        else:
+            missing.append(f"seed {s}: no results.json")
+    if not runs:
+        return None, missing
+    results = aggregate_results([r.results for r in runs], str(path))
+    run = Run(label=label, path=Path(path), results=results, config_text=runs[0].config_text,
+              seed_runs=runs, spec=runs[0].spec)
+    return run, missing
 
 
 def load_runs(dirs: list[Path]) -> Loaded:
@@ -102,17 +238,35 @@ def load_runs(dirs: list[Path]) -> Loaded:
             raise CairnError(f"{d}: no such directory; pass a run directory written by `cairn run`.")
         if (d / "results.json").is_file():
             loaded.runs.append(load_run(d))
+        elif seed_dirs(d) and not (d / "experiment.json").is_file():  # one method's seed directories
+            run, missing = load_seeded(d, d.name)
+            if run is None:
+                raise CairnError(f"{d}: none of its seed directories has results.json ({'; '.join(missing)}).")
+            loaded.runs.append(run)
+            loaded.skipped += [(d.name, m) for m in missing]
         elif (d / "experiment.json").is_file():
             exp = _read_json(d / "experiment.json")
             methods = exp.get("methods")
             if not isinstance(methods, list):
                 raise CairnError(f"{d / 'experiment.json'}: needs a 'methods' list naming its run sub-directories.")
+            cfg = d / "config.yaml"
+            specs = _config_specs(cfg.read_text(encoding="utf-8") if cfg.is_file() else None)
             status = exp.get("status") or {}
             for m in methods:
                 sub = d / m
-                st = str(status.get(m, "ok"))
+                st = status.get(m, "ok")
+                if isinstance(st, dict):  # per-seed statuses: report the seeds that finished
+                    bad = [f"seed {s}: {v}" for s, v in st.items() if v != "ok"]
+                    st = "ok"
+                    loaded.skipped += [(m, b) for b in bad]
+                st = str(st)
                 if (sub / "results.json").is_file() and st == "ok":
-                    loaded.runs.append(load_run(sub, label=m))
+                    loaded.runs.append(load_run(sub, label=m, specs=specs))
+                elif seed_dirs(sub) and st == "ok":
+                    run, missing = load_seeded(sub, m, specs)
+                    loaded.skipped += [(m, x) for x in missing]
+                    if run is not None:
+                        loaded.runs.append(run)
                 else:
                     loaded.skipped.append((m, st if st != "ok" else "no results.json"))
         else:
