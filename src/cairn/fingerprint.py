@@ -9,7 +9,7 @@ passes ``--overwrite`` (then the method's directory is started again).
 What is in it, and why:
 
 - ``model``, ``dtype``, ``seed``: the base weights and every seeded choice (data order, init, subsamples).
-- ``method``: the method's resolved settings (``lora``, ``replay``, ``olora``, ...), without its name
+- ``method``: the method's resolved settings (``lora``, ``replay``, ``olora``, ...), without its name,
   its training overrides (resolved into ``training``) and the diagnostics switches (they only add a
   section to ``results.json``).
 - ``training``: the experiment's training settings with the method's overrides applied
