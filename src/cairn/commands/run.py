@@ -93,7 +93,7 @@ def dry_run(cfg, out: Path) -> str:
             extra = " (with replay)" if record.get("replay") else " (joint)" if record.get("joint") else ""
             lines.append(f"  round {k}: {label:<24} {len(examples):>6} examples{extra:<14} {steps:>6} steps"
                          + ("  [done]" if done else ""))
-        lines.append(f"  total: {total_steps_all} optimizer steps (per process; more processes split the batches)")
+        lines.append(f"  total: {total_steps_all} optimizer steps on one process (N processes: about N times fewer)")
     for comb in cfg.combine:
         lines.append(f"\n{comb.name}: {comb.kind} ({comb.method if comb.kind == 'merge' else 'moe'}) of "
                      f"{comb.source}'s one-round artifacts"
