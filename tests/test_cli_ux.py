@@ -89,7 +89,8 @@ def test_dry_run_prints_plan_without_loading_weights(tmp_path, tiny_model_dir, c
 
 
 def test_quiet_silences_libraries(tmp_path, tiny_model_dir, monkeypatch, capsys):
-    for var in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY"):
+    for var in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS", "PYTHONWARNINGS",
+                "TRANSFORMERS_VERBOSITY", "DATASETS_VERBOSITY", "HF_HUB_VERBOSITY"):  # restored afterwards
         monkeypatch.delenv(var, raising=False)
     import logging
     import os
