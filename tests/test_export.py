@@ -81,3 +81,27 @@ def test_bad_exports_write_nothing(run_dir, tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "no Hugging Face credentials" in err and "Traceback" not in err
     assert not out.exists() and not list(tmp_path.glob(".tmp-x-*"))
+
+
+def test_one_round_merge_is_base_plus_that_round_only(tmp_path, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg = config_from_dict({
+        "name": "one", "model": str(tiny_model_dir),
+        "tasks": [{"name": t, "format": "demo", "path": t, "entities": 2, "max_new_tokens": 4}
+                  for t in ("zoology", "geography")],
+        "methods": [{"name": "solo", "strategy": "one-round", "trainable": "lora",
+                     "lora": {"r": 2, "alpha": 4, "dropout": 0.0}, "diagnostics": False}],
+        "training": FAST, "evaluation": {"batch_size": 8}})
+    run = tmp_path / "one"
+    assert run_experiment(cfg, run, progress=False)["status"] == {"solo": "ok"}
+    assert main(["export", str(run), "--method", "solo", "--round", "2", "--merge", "--out", str(tmp_path / "e")]) == 0
+    adapter = run / "solo" / "rounds" / "02-only-geography" / "adapter" / "round2"
+    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(adapter))
+    ref = ref.merge_and_unload().eval()
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "e").eval()
+    ids = torch.tensor([[7, 8, 9, 10]])
+    torch.testing.assert_close(_logits(exported, ids), _logits(ref, ids), rtol=1e-5, atol=1e-5)  # same merge ops
+    assert main(["export", str(run), "--method", "solo", "--round", "2", "--out", str(tmp_path / "a")]) == 0
+    assert json.loads((tmp_path / "a" / "cairn_parent.json").read_text())["applies_to"] == "the raw base model"

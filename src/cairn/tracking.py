@@ -92,7 +92,10 @@ class Tracking:
         self.log_dir = Path(log_dir)
         self.experiment = experiment
         self.run = run
-        self.trackers = [self._make(name) for name in self.names]
+        # One writer per run: only the main process creates trackers and writes train_log.jsonl (W&B and
+        # Trackio are not main-process-only in Accelerate, which leaves that choice to Accelerator).
+        self.main = _is_main()
+        self.trackers = [self._make(name) for name in self.names] if self.main else []
         for tracker in self.trackers:
             tracker.start()
             if config:
@@ -135,7 +138,7 @@ class Tracking:
 
         def log_fn(metrics: dict, step: int) -> None:
             values = _scalars(metrics)
-            if log_file is not None:
+            if log_file is not None and self.main:
                 log_file.parent.mkdir(parents=True, exist_ok=True)
                 with log_file.open("a", encoding="utf-8") as f:
                     f.write(json.dumps({"step": int(step), "global_step": int(step) + step_offset, **values}) + "\n")
@@ -184,6 +187,16 @@ class Tracking:
 
     def __exit__(self, *exc):
         self.finish()
+
+
+def _is_main() -> bool:
+    try:
+        from cairn.dist import is_main  # the process-world helpers, where present
+    except ImportError:
+        from accelerate import PartialState
+
+        return PartialState().is_main_process
+    return is_main()
 
 
 def _flat_params(config: dict, prefix: str = "") -> dict[str, Any]:

@@ -72,6 +72,9 @@ def dry_run(cfg, out: Path) -> str:
 
     runner = Runner(cfg, out, progress=False, echo=False)
     lines = ["# resolved config", to_yaml(cfg).rstrip(), "", f"# plan (experiment directory: {out})"]
+    if cfg.tracking.report_to:
+        lines.append(f"tracking: {', '.join(cfg.tracking.report_to)} -> {cfg.tracking.log_dir or out / 'tracking'} "
+                     "(one run per method)")
     for method in cfg.methods:
         tcfg = cfg.training_for(method)
         mdir = out / method.name
