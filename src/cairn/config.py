@@ -220,6 +220,17 @@ class EvaluationConfig:
                                                      "lm-evaluation-harness definitions); null: off.", None)
 
 
+# --- ux: tracking section (issue 15) ---
+@dataclass
+class TrackingConfig:
+    report_to: list[str] = _help("Experiment trackers through Accelerate: tensorboard, mlflow, wandb, trackio "
+                                 "(pip install 'cairn-lm[tracking]'); one tracker run per method and seed.",
+                                 factory=list)
+    log_dir: str | None = _help("Where trackers write (TensorBoard event files, MLflow's local store "
+                                "<log_dir>/mlruns); null: <experiment directory>/tracking.", None)
+# --- end ux ---
+
+
 @dataclass
 class ExperimentConfig:
     name: str = _help("Experiment name.")
@@ -234,6 +245,7 @@ class ExperimentConfig:
     evaluation: EvaluationConfig = _help("Evaluation settings.", factory=EvaluationConfig)
     combine: list[CombineConfig] = _help("Combiners run after the methods: merges and mixtures of a "
                                          "one-round method's artifacts, evaluated like a round.", factory=list)
+    tracking: TrackingConfig = _help("Experiment tracking (loss curves, scores).", factory=TrackingConfig)  # ux
 
     def training_for(self, method: MethodConfig) -> TrainingConfig:
         """The experiment's training settings with the method's overrides applied (validated)."""
@@ -394,6 +406,9 @@ def validate(cfg: ExperimentConfig, source: str) -> None:
         if src.strategy != "one-round":
             raise CairnError(f"{source}: combine step {comb.name!r}: source method {comb.source!r} must have "
                              f"`strategy: one-round` (each ingredient trained from the base), not {src.strategy!r}")
+    from cairn.tracking import check_trackers  # ux: unknown tracker / missing package
+
+    check_trackers(cfg.tracking.report_to, f"{source}: tracking.report_to")
     for method in cfg.methods:
         cfg.training_for(method)  # validates the overrides
         if method.trainable != "lora" and (method.olora or method.nlora):

@@ -146,13 +146,16 @@ def run(args) -> int:
         suites.resolve_tasks(list(data_files))  # an unknown task name in --data-file is an error too
     if args.backend == "lm-eval":
         from cairn.eval import lm_eval_backend
-        from cairn.models import resolve_model_path
 
-        base, adapter = resolve_artifact(args.model)
+        # ux (issue 15): run directories accepted, device picked (cuda when available), --dtype honoured
+        lm_model, lm_tokenizer, model_args = lm_eval_backend.resolve_model(args.model, args.dtype, args.device)
+        base = lm_model if isinstance(lm_model, str) else args.model
+        adapter = model_args.partition("peft=")[2] or None
         results = lm_eval_backend.run_lm_eval(
-            resolve_model_path(base), tasks, data_dir=args.data_dir, limit=args.limit, seed=args.seed,
-            batch_size=args.batch_size, num_fewshot=args.num_fewshot, model_args=f"peft={adapter}" if adapter else "",
-            device=args.device or "cpu", max_gen_toks=args.max_gen_toks, data_files=data_files)
+            lm_model, tasks, data_dir=args.data_dir, limit=args.limit, seed=args.seed, tokenizer=lm_tokenizer,
+            batch_size=args.batch_size, num_fewshot=args.num_fewshot, model_args=model_args,
+            device=args.device, dtype=args.dtype, max_gen_toks=args.max_gen_toks, data_files=data_files)
+        # end ux
     else:
         model, tokenizer, base, adapter = load_for_eval(args.model, args.dtype, args.device)
         results = suites.evaluate_suite(

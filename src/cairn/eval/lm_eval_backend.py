@@ -150,6 +150,31 @@ def _time_requests(lm) -> list[float]:
     return spent
 
 
+def resolve_model(spec: str, dtype: str = "float32", device: str | None = None) -> tuple[Any, Any, str]:
+    """(model for :func:`run_lm_eval`, tokenizer or None, model_args) for a ``cairn eval`` MODEL spec.
+
+    A method's run directory (``config.yaml`` + ``rounds/``) is rebuilt exactly as ``cairn eval``
+    rebuilds it (the last finished round, earlier LoRA rounds merged in order) and handed to lm-eval
+    loaded; a PEFT adapter folder becomes ``pretrained=<its base>,peft=<folder>``; anything else is a
+    model folder, built-in name or hub id.
+    """
+    from cairn.commands.eval import load_for_eval, resolve_artifact
+    from cairn.models import resolve_model_path
+
+    path = Path(spec).expanduser()
+    if (path / "config.yaml").is_file() and (path / "rounds").is_dir():
+        model, tokenizer, _, _ = load_for_eval(spec, dtype, device or default_device())
+        return model, tokenizer, ""
+    base, adapter = resolve_artifact(spec)
+    return resolve_model_path(base), None, f"peft={adapter}" if adapter else ""
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def run_lm_eval(
     model: Any,
     tasks: Sequence[str] | None = None,
@@ -160,7 +185,8 @@ def run_lm_eval(
     num_fewshot: int = 0,
     tokenizer: Any = None,
     model_args: str = "",
-    device: str = "cpu",
+    device: str | None = None,
+    dtype: str = "float32",
     max_gen_toks: int = 256,
     log_samples: bool = False,
     data_files: dict[str, Path] | None = None,
@@ -172,6 +198,8 @@ def run_lm_eval(
     ``data_dir`` (or ``$CAIRN_DATA``) through :func:`write_local_tasks`; without local data lm-eval
     loads its own Hugging Face datasets, and ``limit`` then takes lm-eval's first N. Each result's
     ``seconds`` is the task's wall time in lm-eval, ``model_seconds`` the part spent answering requests.
+    ``device`` defaults to cuda when available; ``dtype`` is the weights' dtype of a model given by path.
+    A ``cairn eval`` MODEL spec (run directory, adapter folder) is turned into these by :func:`resolve_model`.
     """
     _require()
     import time
@@ -184,8 +212,9 @@ def run_lm_eval(
         raise CairnError(f"limit must be a positive number of questions per task, got {limit}")
     names = suites.resolve_tasks(tasks)
     data_dir = Path(data_dir) if data_dir is not None else suites.default_data_dir()
+    device = device or default_device()
     if isinstance(model, (str, Path)):
-        args = f"pretrained={model},dtype=float32" + (f",{model_args}" if model_args else "")
+        args = f"pretrained={model},dtype={dtype}" + (f",{model_args}" if model_args else "")
         lm = HFLM(**dict(kv.split("=", 1) for kv in args.split(",")), batch_size=batch_size, device=device)
     else:
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
