@@ -46,3 +46,13 @@ def test_eval_resolves_the_last_rounds_artifact_of_a_run_directory(tmp_path):
     assert resolve_artifact(str(lora)) == ("some-base", str(adapter))
     with pytest.raises(CairnError, match="not a run directory"):
         resolve_artifact(str(tmp_path / "fft/rounds"))
+
+
+def test_one_lora_scaling_rule_rslora_and_patterns():
+    from cairn.io.adapters import lora_scaling
+
+    cfg = {"r": 4, "lora_alpha": 8, "rank_pattern": {"q_proj": 16}, "alpha_pattern": {"layers.0.v_proj": 2}}
+    assert lora_scaling(cfg, "model.layers.1.k_proj") == 2.0
+    assert lora_scaling(cfg, "model.layers.1.q_proj") == 0.5  # rank from rank_pattern: 8 / 16
+    assert lora_scaling(cfg, "model.layers.0.v_proj") == 0.5  # alpha from alpha_pattern: 2 / 4
+    assert lora_scaling(cfg | {"use_rslora": True}, "model.layers.1.k_proj") == 4.0  # 8 / sqrt(4)

@@ -49,6 +49,7 @@ from typing import Literal, Sequence
 import torch
 
 from cairn import atomic
+from cairn.io.adapters import lora_scaling
 from cairn.combine.merge_fns import MergeSpec, MergeStats, merge_tensor
 from cairn.combine.merge_models import (
     DEFAULT_SHARD_BYTES,
@@ -79,9 +80,7 @@ class Adapter:
     other: dict[str, torch.Tensor]  # non-LoRA tensors (modules_to_save, saved embedding layers)
 
     def scaling(self, module: str) -> float:
-        r = self.modules[module][0].shape[0]
-        alpha = float(self.config.get("lora_alpha", r))
-        return alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r
+        return lora_scaling(self.config, module, rank=self.modules[module][0].shape[0])
 
     def delta(self, module: str) -> torch.Tensor:
         """s · B·A in the "B·A" orientation (out × in; for embeddings dim × vocab)."""

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -38,6 +37,7 @@ from torch import nn
 from cairn import atomic
 from cairn.combine import router_init as rinit
 from cairn.errors import CairnError
+from cairn.io.adapters import lora_scaling
 from cairn.routed_lora import (MIXTURE_ATTR, NORMALISATIONS, RoutedLoRALinear, experts_disabled, routed_layers,
                                routing_weights)
 
@@ -68,14 +68,6 @@ class LoraAdapter:
     @property
     def modules(self) -> list[str]:
         return list(self.A)
-
-
-def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    # PEFT's rule (peft.utils.other.get_pattern_key): a key matches a module name ending in it.
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
 
 
 def read_lora_adapter(path: str | Path) -> LoraAdapter:
@@ -115,14 +107,12 @@ def read_lora_adapter(path: str | Path) -> LoraAdapter:
             )
     if not A or set(A) != set(B):
         raise CairnError(f"{weights}: lora_A and lora_B tensors do not pair up (modules {sorted(set(A) ^ set(B))[:5]})")
-    alpha_default = float(config.get("lora_alpha", 8))
     scaling = {}
     for module, a in A.items():
         r = a.shape[0]
         if B[module].shape[1] != r:
             raise CairnError(f"{weights}: {module} has lora_A rank {r} but lora_B rank {B[module].shape[1]}")
-        alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module, alpha_default))
-        scaling[module] = alpha / (r**0.5) if config.get("use_rslora") else alpha / r
+        scaling[module] = lora_scaling(config, module, rank=r)
     dtype = next(iter(A.values())).dtype
     return LoraAdapter(source=str(path), config=config, A=A, B=B, scaling=scaling, dtype=dtype)
 
