@@ -235,7 +235,7 @@ class Runner:
                                         {"build_seconds": time.perf_counter() - t0, "stats": stats})
             write_round(rdir, record, preds)
             log(f"{comb.name}: " + ", ".join(f"{t.name}={s:.3f}" for t, s in zip(self.tasks, record.scores)))
-        method_like = MethodConfig(name=comb.name, strategy="one-round", diagnostics=False)
+        method_like = MethodConfig(name=comb.name, diagnostics=False)
         label = f"{comb.kind}:{comb.method if comb.kind == 'merge' else 'moe'}"
         return self.finish(method_like, cdir, [base, record], None, label=label)
 
