@@ -12,9 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-
 from cairn.io.adapters import adapter_factors, lora_scaling, read_adapter_config
+from cairn.io.safetensors import Checkpoint
 
 
 
@@ -44,15 +43,9 @@ def adapter_updates(adapter_dir: Path) -> tuple[dict[str, torch.Tensor], dict[st
 
 
 def _block_weights(model_dir: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for shard in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(shard), "pt") as f:
-            for key in f.keys():
-                if ".layers." in key and key.endswith(".weight"):
-                    t = f.get_tensor(key)
-                    if t.dim() == 2:
-                        out[key] = t.float()
-    return out
+    with Checkpoint(model_dir) as ck:
+        return {name: ck.get(name).float() for name in ck.keys()
+                if ".layers." in name and name.endswith(".weight") and len(ck.shape(name)) == 2}
 
 
 def checkpoint_updates(model_dirs: list[Path]) -> list[dict[str, torch.Tensor]]:
