@@ -32,5 +32,5 @@ def check_same_base(rel: float, limit: float | None, *, model: str, base: str, t
         raise CairnError(
             f"model {model} does not look fine-tuned from the base {base}: its tensor {tensor} differs by "
             f"{rel:.2f}x the base tensor's norm (limit {limit}; fine-tunes differ by far less): the base is "
-            f"probably not the model's base, and task vectors or experts against it would be meaningless. Give the model's actual base, or {raise_hint} "
-            f"if the differences are really this large")
+            f"probably not the model's base, and task vectors or experts against it would be meaningless. "
+            f"Give the model's actual base, or {raise_hint} if the differences are really this large")
