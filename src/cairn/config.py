@@ -215,8 +215,11 @@ class ExperimentConfig:
 
     def training_for(self, method: MethodConfig) -> TrainingConfig:
         """The experiment's training settings with the method's overrides applied (validated)."""
-        merged = dataclasses.asdict(self.training) | method.training
-        return _build(TrainingConfig, merged, f"methods[{method.name}].training", "<config>")
+        return self.training_with(method.training, f"methods[{method.name}].training")
+
+    def training_with(self, overrides: dict[str, Any], where: str, source: str = "<config>") -> TrainingConfig:
+        """The experiment's training settings with ``overrides`` (a method's or a router training's)."""
+        return _build(TrainingConfig, dataclasses.asdict(self.training) | overrides, where, source)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,8 +420,7 @@ def validate(cfg: ExperimentConfig, source: str) -> None:
     for comb in cfg.combine:
         comb.typed_params(source)
         if comb.router_training is not None:
-            _build(TrainingConfig, dataclasses.asdict(cfg.training) | comb.router_training,
-                   f"combine[{comb.name}].router_training", source)
+            cfg.training_with(comb.router_training, f"combine[{comb.name}].router_training", source)
 
 
 def method_to_dict(method: MethodConfig) -> dict:

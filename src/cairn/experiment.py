@@ -185,7 +185,8 @@ class Runner:
             at = k
             log(f"{method_cfg.name}: after {ctx.label}: " + ", ".join(
                 f"{t.name}={s:.3f}" for t, s in zip(self.tasks, record.scores)))
-        return self.finish(method_cfg, mdir, rounds, method)
+        diagnostics = self.diagnostics(method, method_cfg, mdir, rounds)
+        return self.finish(method_cfg.name, mdir, rounds, method_cfg.strategy, diagnostics)
 
     def train_round(self, method: Method, model, ctx: RoundContext, last: bool):
         model = method.prepare(model, ctx)
@@ -227,7 +228,7 @@ class Runner:
             inputs = steps.CombineInputs(
                 base_path=str(resolve_model_path(self.cfg.model)), dtype=self.cfg.dtype, seed=self.cfg.seed,
                 tokenizer=self.tokenizer, load_base=self.load_base, train=train,
-                training_for=lambda over: self.cfg.training_for(MethodConfig(name=comb.name, training=over)),
+                training_for=lambda over: self.cfg.training_with(over, f"combine[{comb.name}].router_training"),
                 checkpoints=cdir.checkpoints("routers"), progress=self.progress, log=log)
             t0 = time.perf_counter()
             model, stats = steps.build(comb, kind, paths, rdir, self.tasks, inputs)
@@ -235,14 +236,16 @@ class Runner:
                                         {"build_seconds": time.perf_counter() - t0, "stats": stats})
             write_round(rdir, record, preds)
             log(f"{comb.name}: " + ", ".join(f"{t.name}={s:.3f}" for t, s in zip(self.tasks, record.scores)))
-        method_like = MethodConfig(name=comb.name, diagnostics=False)
         label = f"{comb.kind}:{comb.method if comb.kind == 'merge' else 'moe'}"
-        return self.finish(method_like, cdir, [base, record], None, label=label)
+        return self.finish(comb.name, cdir, [base, record], label=label)
 
     # -- results -----------------------------------------------------------------------------
     def diagnostics(self, method: Method, method_cfg: MethodConfig, mdir: MethodDir, rounds: list[RoundRecord]):
-        """Pairwise collision / orthogonality and per-round sparsity of the rounds' updates."""
+        """Pairwise collision / orthogonality and per-round sparsity of the rounds' updates (None: not asked)."""
         from cairn.eval.diagnostics import round_diagnostics
+
+        if not method_cfg.diagnostics or len(rounds) <= 2:
+            return None
 
         labels = [r.label for r in rounds[1:]]
         dirs = [mdir.round(k, label) for k, label in enumerate(labels, start=1)]
@@ -260,16 +263,17 @@ class Runner:
                 entry["nuclear_norm"] = nuclear_of(k, d)
         return diag
 
-    def finish(self, method_cfg: MethodConfig, mdir: MethodDir, rounds: list[RoundRecord], method: Method | None,
-               label: str | None = None) -> dict:
+    def finish(self, name: str, mdir: MethodDir, rounds: list[RoundRecord], strategy: str = "combine",
+               diagnostics: dict | None = None, label: str | None = None) -> dict:
+        """Write results.json (last: it marks the step complete), results.csv and table.md."""
         matrix = [r.scores for r in rounds]
         names = [t.name for t in self.tasks]
         train_s = sum(r.train.get("seconds", 0.0) for r in rounds)
         tokens = sum(r.train.get("tokens", 0) for r in rounds)
         results = {
-            "name": method_cfg.name,
-            "method": label or method_cfg.name,
-            "strategy": method_cfg.strategy if method is not None else "combine",
+            "name": name,
+            "method": label or name,
+            "strategy": strategy,
             "seed": self.cfg.seed if self.seed is None else self.seed,
             "model": self.cfg.model,
             "tasks": [{"name": t.name, "metric": t.metric} for t in self.tasks],
@@ -282,10 +286,8 @@ class Runner:
         ok = old_knowledge_block(rounds)
         if ok is not None:
             results["old_knowledge"] = ok
-        if method is not None and method_cfg.diagnostics and len(rounds) > 2:
-            diag = self.diagnostics(method, method_cfg, mdir, rounds)
-            if diag is not None:
-                results["diagnostics"] = diag
+        if diagnostics is not None:
+            results["diagnostics"] = diagnostics
         buf = io.StringIO()
         writer = csv.writer(buf)
         writer.writerow(["after"] + names)

@@ -225,7 +225,8 @@ def build_fft_moe(
             prefix = f"model.layers.{i}"
             plan.append((f"{prefix}.block_sparse_moe.gate.weight", code, (k, hidden)))
             plan += [(f"{prefix}.block_sparse_moe.experts.{e}.{mixtral}.weight", code,
-                      base_ck.shape(f"{prefix}.mlp.{llama}.weight")) for e in range(k) for llama, mixtral in MLP_PARTS.items()]
+                      base_ck.shape(f"{prefix}.mlp.{llama}.weight"))
+                     for e in range(k) for llama, mixtral in MLP_PARTS.items()]
         with atomic.atomic_dir(out, overwrite=overwrite) as tmp:
             writer = ShardedWriter(tmp, plan, max_shard_bytes)  # streamed: one tensor in memory at a time
             for name in stem_names:

@@ -95,7 +95,8 @@ class RoutedLoRAAuxLoss:
     def extra_loss(self, model: nn.Module, batch: dict[str, Any], outputs: Any) -> dict[str, torch.Tensor]:
         layers = [l for l in routed_layers(model).values() if l.last_router_logits is not None]
         if not layers:
-            raise CairnError("RoutedLoRAAuxLoss: the model has no LoRA-MoE router outputs; call it after a forward pass")
+            raise CairnError("RoutedLoRAAuxLoss: the model has no LoRA-MoE router outputs; "
+                             "call it after a forward pass")
         mask = batch.get("attention_mask") if isinstance(batch, dict) else None
         terms = [switch_load_balancing_loss(l.last_router_logits, l.top_k, mask) for l in layers]
         return {self.name: self.coef * torch.stack(terms).mean()}

@@ -121,7 +121,8 @@ class EWC(PartBase):
         for i in range(1, ctx.k):
             path = ctx.round_dir(i) / FISHER_FILE
             if not path.is_file():
-                raise CairnError(f"EWC: round {i}'s Fisher {path} is missing; delete {ctx.mdir.path} to rerun the method")
+                raise CairnError(f"EWC: round {i}'s Fisher {path} is missing; delete {ctx.mdir.path} "
+                                 f"to rerun the method")
             tensors = load_file(str(path))
             rounds.append(({k[7:]: v for k, v in tensors.items() if k.startswith("fisher/")},
                            {k[7:]: v for k, v in tensors.items() if k.startswith("anchor/")}))
@@ -136,7 +137,8 @@ class EWC(PartBase):
         max_length = ctx.cfg.training_for(ctx.method).max_length
         fisher = empirical_fisher(model, ctx.tokenizer, [data[i] for i in picked], max_length)
         anchor = {n: p.detach().float().cpu().contiguous() for n, p in model.named_parameters() if n in fisher}
-        tensors = {f"fisher/{n}": f.contiguous() for n, f in fisher.items()} | {f"anchor/{n}": a for n, a in anchor.items()}
+        tensors = {f"fisher/{n}": f.contiguous() for n, f in fisher.items()}
+        tensors |= {f"anchor/{n}": a for n, a in anchor.items()}
         with atomic.atomic_file(ctx.rdir / FISHER_FILE) as tmp:
             save_file(tensors, str(tmp), metadata={"format": "cairn-ewc", "version": "1"})
         atomic.write_json(ctx.rdir / RECORD_FILE, {"fisher_examples": len(picked), "indices": picked,

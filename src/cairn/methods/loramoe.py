@@ -162,7 +162,7 @@ class LoRAMoELoss:
                 "LoRAMoE balancing needs batch['is_world_knowledge'] (one bool per example); mark world-knowledge "
                 "tasks with world_knowledge: true (or a type field) in the task config"
             )
-        layers: list[RoutedLoRALinear] = [l for l in routed_layers(model).values() if l.last_routing_weights is not None]
+        layers = [layer for layer in routed_layers(model).values() if layer.last_routing_weights is not None]
         if not layers:
             raise CairnError("LoRAMoELoss: no LoRAMoE routing weights recorded; call it after a forward pass")
         wk = torch.as_tensor(batch["is_world_knowledge"])

@@ -68,7 +68,8 @@ class Trainable(Protocol):
     def save(self, model, ctx: RoundContext): ...  # writes the artifact; returns the next round's (frozen) start
     def restore(self, ctx: RoundContext, upto: int): ...  # the model after round ``upto`` (>= 1)
     def ingredient(self, rdir: Path, k: int) -> Path: ...
-    def updates(self, ctx: RoundContext, rdirs: list[Path]) -> tuple[list[dict], list[dict] | None, Callable | None]: ...
+    # (ΔW per round, A factors per round or None, nuclear-norm fn for large models or None), or None
+    def updates(self, ctx: RoundContext, rdirs: list[Path]) -> tuple | None: ...
 
 
 class Strategy(Protocol):
