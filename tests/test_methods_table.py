@@ -117,3 +117,16 @@ def test_ewc_records_its_fisher_examples_and_rejects_lora(tmp_path, tiny_model_d
         _cfg(tiny_model_dir, {"trainable": "lora", "ewc": {"lam": 1.0}})
     with pytest.raises(CairnError, match=r"unknown key 'lambda' in methods\[0\]\.ewc"):
         _cfg(tiny_model_dir, {"trainable": "full", "ewc": {"lambda": 1.0}})
+
+
+def test_wrong_merge_method_fails_before_any_training(tmp_path, tiny_model_dir):
+    from cairn.errors import CairnError
+
+    cfg = config_from_dict({
+        "name": "t", "model": str(tiny_model_dir), "tasks": [{"name": "zoology", "format": "demo", "entities": 2}],
+        "methods": [{"name": "one", "strategy": "one-round", "trainable": "full"}],
+        "combine": [{"name": "c", "source": "one", "method": "tie"}], "training": FAST,
+    })
+    with pytest.raises(CairnError, match="unknown merge method 'tie'"):
+        run_experiment(cfg, tmp_path / "exp", progress=False, echo=False)
+    assert not (tmp_path / "exp").exists()  # nothing trained, nothing written
