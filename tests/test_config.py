@@ -97,3 +97,14 @@ def test_demo_config_in_package_matches_configs_dir():
     from cairn.commands.demo import demo_config_path
 
     assert demo_config_path().read_text() == (REPO / "configs" / "demo.yaml").read_text()
+
+
+def test_combine_params_are_typed_at_load(tmp_path):
+    data = MINIMAL | {"methods": [{"name": "one", "strategy": "one-round"}],
+                      "combine": [{"name": "c", "source": "one", "kind": "merge", "params": {"densty": 0.2}}]}
+    with pytest.raises(CairnError, match=r"exp\.yaml: unknown key 'densty' in combine\[c\]\.params.*'density'"):
+        load_config(_write(tmp_path, data))
+    data["combine"] = [{"name": "c", "source": "one", "kind": "moe", "params": {"top_k": 1},
+                        "router_training": {"lr": 1e-3, "epoch": 1}}]
+    with pytest.raises(CairnError, match=r"unknown key 'epoch' in combine\[c\]\.router_training"):
+        load_config(_write(tmp_path, data))

@@ -132,3 +132,30 @@ def test_bad_inputs():
         apply_loramoe(tiny_model(), num_experts=2, top_k=3)
     with pytest.raises(CairnError, match="no linear layer"):
         apply_loramoe(tiny_model(), target=("not_a_module",))
+
+
+def test_resumed_loramoe_rebuilds_layers_with_the_configured_dropout(tmp_path, tiny_model_dir):
+    """A LoRAMoE run resumed between rounds gets the same dropout and the same weights back."""
+    from cairn.config import config_from_dict
+    from cairn.experiment import Runner
+    from cairn.routed_lora import routed_layers
+
+    cfg = config_from_dict({
+        "name": "t", "model": str(tiny_model_dir),
+        "tasks": [{"name": t, "format": "demo", "path": t, "entities": 2, "max_new_tokens": 4,
+                   "world_knowledge": t == "zoology"} for t in ("zoology", "geography")],
+        "methods": [{"name": "moe", "trainable": "loramoe", "loramoe": {"experts": 2, "rank": 2, "dropout": 0.3}}],
+        "training": {"max_steps": 1, "batch_size": 4, "max_length": 64}, "evaluation": {"batch_size": 8},
+    })
+    runner = Runner(cfg, tmp_path / "exp", progress=False, echo=False)
+    runner.run()
+    method = runner.methods["moe"]
+    ctx = runner.context(cfg.methods[0], 1, lambda s: None)
+    restored = method.restore(ctx, 1)
+    layers = routed_layers(restored)
+    assert layers and all(layer.dropout_p == 0.3 for layer in layers.values())
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "exp/moe/rounds/01-zoology/loramoe/experts/0/adapter_model.safetensors"))
+    name, layer = next(iter(layers.items()))
+    assert torch.equal(layer.lora_A[0], saved[f"base_model.model.{name}.lora_A.weight"])  # bit-equal: a copy

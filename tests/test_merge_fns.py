@@ -119,15 +119,14 @@ def test_paper_order_matches_peft_ties():
 
 def test_dare_rescales_survivors_and_keeps_mean():
     x = T([1.0, -2.0, 3.0, 0.5])
-    g = torch.Generator().manual_seed(7)
-    y = mf.prune_random(x, 0.3, g)
+    y = mf.dare([x], torch.zeros(4), 0.3, seed=7)  # one model on a zero base: its delta, DARE-dropped
     kept = y != 0
     assert torch.allclose(y[kept], x[kept] / 0.3)  # survivors are rescaled by 1/(1-p)
     total = torch.zeros(4)
     n = 4000
     drops = 0
     for seed in range(n):
-        y = mf.prune_random(x, 0.3, torch.Generator().manual_seed(seed))
+        y = mf.dare([x], torch.zeros(4), 0.3, seed=seed)
         total += y
         drops += int((y == 0).sum())
     # E[y] = x; the std of the mean is |x|·sqrt(0.7/0.3)/sqrt(4000) ≈ 0.024|x|

@@ -15,7 +15,6 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from cairn.combine import moe_lora
 from cairn.combine.moe_lora import (
     LoRAMoELinear,
-    add_expert,
     build_lora_moe,
     load_lora_moe,
     lora_moe_layers,
@@ -205,22 +204,6 @@ def test_router_training_changes_only_routers(adapters):
         else:
             assert torch.equal(p, before[n]), n
     assert changed == len(routers)
-
-
-def test_add_expert_keeps_existing_experts_and_routers(adapters):
-    model = build_lora_moe(fresh_base(), adapters[:2], top_k=1, router_init="random")
-    before = {n: (l.lora_A.detach().clone(), l.lora_B.detach().clone(), l.router.weight.detach().clone())
-              for n, l in lora_moe_layers(model).items()}
-    add_expert(model, adapters[2])
-    for n, layer in lora_moe_layers(model).items():
-        A, B, R = before[n]
-        assert layer.num_experts == 3
-        assert torch.equal(layer.lora_A[:2, : A.shape[1]], A) and torch.equal(layer.lora_B[:2, :, : B.shape[2]], B)
-        assert torch.equal(layer.router.weight[:2], R)
-        layer.router = ForcedRouter(3, 2)
-    with torch.no_grad():
-        torch.testing.assert_close(model(IDS).logits, peft_logits(adapters[2]), atol=1e-5, rtol=0)
-    assert len(moe_lora.mixture_info(model)["experts"]) == 3
 
 
 def test_prompt_initialised_routers(adapters):

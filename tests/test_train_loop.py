@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cairn.config import LoraConfig, TrainingConfig
+from cairn.config import TrainingConfig
+from cairn.methods.lora import LoraConfig
 from cairn.data.encode import IGNORE_INDEX, collate, encode_example
-from cairn.methods.trainable import add_lora_adapter, make_full_trainable, merge_adapters
+from cairn.methods.full import make_full_trainable
+from cairn.methods.lora import add_lora_adapter, merge_adapters
 from cairn.train.loop import micro_batch_order, train
 
 from conftest import make_tiny_llama

@@ -39,12 +39,28 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 @contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path in ``path``'s folder that replaces ``path`` only if the block finishes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that becomes ``final`` only if the block finishes.
 
-    With ``overwrite=False`` an existing ``final`` is an error raised before any work is done by
-    the caller (check with :func:`ensure_absent` first for a friendlier message). On failure the
-    temporary directory is removed and ``final`` is untouched.
+    With ``overwrite=False`` an existing ``final`` is an error raised when the block ends, after the
+    caller's work (check for it first when the work is long). On failure the temporary directory is
+    removed and ``final`` is untouched.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)

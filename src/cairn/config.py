@@ -31,6 +31,10 @@ def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclas
     return field(default=default, metadata={"help": text})
 
 
+#: Public name of the field helper, for the config sections the method pieces register.
+setting = _help
+
+
 @dataclass
 class TaskConfig:
     name: str = _help("Task name, used in tables and directory names.")
@@ -95,19 +99,6 @@ class TaskConfig:
 
 
 @dataclass
-class LoraConfig:
-    r: int = _help("LoRA rank.", 8)
-    alpha: float = _help("LoRA alpha (scaling = alpha / r).", 16.0)
-    dropout: float = _help("LoRA dropout.", 0.05)
-    target_modules: list[str] | str = _help("Modules to adapt, or 'all-linear'.", "all-linear")
-    sequential: Literal["merge", "stack"] = _help(
-        "merge: merge each round's adapter into the weights and start a fresh one (the seed paper); "
-        "stack: keep earlier adapters as a frozen stack (O-LoRA's original code).",
-        "merge",
-    )
-
-
-@dataclass
 class TrainingConfig:
     epochs: float = _help("Passes over the round's training data.", 1.0)
     max_steps: int | None = _help("Stop after this many optimizer steps (overrides epochs).", None)
@@ -121,57 +112,77 @@ class TrainingConfig:
     max_grad_norm: float | None = _help("Gradient clipping norm (null: off).", 1.0)
     bf16: bool = _help("bf16 autocast (CPU and GPU).", False)
     log_every: int = _help("Log loss terms every N optimizer steps.", 10)
-    save_every: int | None = _help("Checkpoint every N optimizer steps for resume (null: only at the end).", None)
-
-
-@dataclass
-class OLoRAConfig:
-    lambda1: list[float] | float = _help("Orthogonality weight; a list gives one value per round.", 0.5)
-    lambda2: float = _help("Weight of the unsquared L2 norm of the new adapter.", 0.0)
-
-
-@dataclass
-class NLoRAConfig:
-    lam: list[float] | float = _help(
-        "L1 sparsity weight on ΔW=B·A summed over every entry of every adapted module (the paper's "
-        "definition); a list gives one value per round. The reference scripts' 0.4-1.8 weight an r×r "
-        "product and are far too strong here: ~1e-4 suits a 135M model with all-linear LoRA.", 1e-4)
-
-
-@dataclass
-class LoRAMoEConfig:
-    experts: int = _help("LoRA experts per MLP linear.", 8)
-    rank: int = _help("Rank of each expert.", 4)
-    alpha: float = _help("LoRA alpha of each expert.", 32.0)
-    dropout: float = _help("Dropout on the experts' input.", 0.05)
-    top_k: int | None = _help("Route each token to its top-k experts (null: dense softmax, the paper).", None)
-    beta: float = _help("Weight of the localized balancing constraint.", 0.1)
-    delta: float = _help("Importance up/down-weighting of the matching/other half of the experts.", 0.1)
+    save_every: int | None = _help("Checkpoint every N optimizer steps for resume (null: no checkpoints, an "
+                                   "interrupted round restarts).", None)
 
 
 @dataclass
 class MethodConfig:
     name: str = _help("Label of this method; its results go to <output_dir>/<name>.")
-    strategy: Literal["sequential", "joint", "one-round"] = _help(
+    strategy: str = _help(
         "sequential: one round per task, each from the previous round's model; "
         "joint: all tasks at once, one round; one-round: each task trained from the base separately "
         "(the seed paper's one-round models, the ingredients of merging and MoE mixing).",
         "sequential",
     )
-    trainable: Literal["full", "lora", "loramoe"] = _help(
-        "full fine-tuning, LoRA (PEFT), or LoRAMoE (LoRA experts + router on the MLPs, backbone frozen; "
-        "the experts persist and keep training across rounds).", "lora")
-    lora: LoraConfig = _help("LoRA settings (trainable: lora).", factory=LoraConfig)
+    trainable: str = _help(
+        "full fine-tuning, lora (PEFT), or loramoe (LoRA experts + router on the MLPs, backbone frozen; "
+        "the experts persist and keep training across rounds); see `cairn.methods` for every registered one.",
+        "lora")
     replay: float = _help("Fraction of the round's size replayed from each earlier task (0: off).", 0.0)
     joint_upsample: bool = _help("Joint training: upsample so every task is equally likely.", True)
-    loramoe: LoRAMoEConfig = _help("LoRAMoE settings (trainable: loramoe).", factory=LoRAMoEConfig)
-    olora: OLoRAConfig | None = _help("O-LoRA orthogonality loss (LoRA only).", None)
-    nlora: NLoRAConfig | None = _help("N-LoRA sparsity loss (LoRA only).", None)
-    training: dict[str, Any] = _help("Overrides of the experiment's training settings for this method.", factory=dict)
+    training: dict[str, Any] = _help("Overrides of the experiment's training settings for this method "
+                                     "(validated against `training` when the config loads).", factory=dict)
     diagnostics: bool = _help("After the last round, compare the rounds' weight updates (collision, overlap, "
                               "sparsity; see cairn.eval.diagnostics).", True)
     diagnostics_threshold: float = _help("An update entry is significant if |x| > threshold * max|ΔW| of its module.",
                                          0.01)
+    # The sections registered by the method pieces (lora, loramoe, olora, nlora, ewc, ...), by key. In
+    # YAML they are keys of the method itself (`olora: {lambda1: 0.5}`); see cairn.methods.registry.
+    sections: dict[str, Any] = field(default_factory=dict, metadata={"section_holder": True})
+
+    def __getattr__(self, key: str) -> Any:
+        # `method.olora` reads a registered section (None when the part is off).
+        sections = self.__dict__.get("sections")
+        if sections is not None and not key.startswith("_"):
+            from cairn.methods.registry import sections as registered
+
+            if key in sections:
+                return sections[key]
+            if key in registered():
+                return None
+        raise AttributeError(key)
+
+
+@dataclass
+class MergeParams:
+    """``params`` of a merge step (the fields of :class:`cairn.combine.merge_fns.MergeSpec`)."""
+
+    weights: list[float] | None = _help("One weight per ingredient (null: equal weights).", None)
+    density: float | None = _help("Fraction of each task vector kept (TIES, DARE).", None)
+    lam: float | None = _help("Scale of the merged task vector.", None)
+    sign_method: Literal["total", "frequency"] | None = _help("TIES sign election rule.", None)
+    weight_order: Literal["paper", "mergekit"] | None = _help("Whether weights apply before or after "
+                                                              "TIES's sign election.", None)
+    seed: int | None = _help("Seed of DARE's random drop.", None)
+
+
+@dataclass
+class MoEParams:
+    """``params`` of a moe step; null leaves the builder's default (FFT and LoRA experts differ)."""
+
+    top_k: int | None = _help("Experts per token (FFT default 2; LoRA default: dense).", None)
+    router_init: Literal["random", "prompts", "last_token", "data", "zero"] | None = _help(
+        "Router initialisation (FFT default prompts; LoRA default random).", None)
+    normalisation: Literal["softmax", "sigmoid"] | None = _help("LoRA experts: routing normalisation.", None)
+    moe_layers: list[int] | None = _help("FFT experts: decoder layers that become MoE layers (null: all).", None)
+    same_base_threshold: float | None = _help("FFT experts: largest relative distance to the base that "
+                                              "still counts as the same base.", None)
+    check_base_name: bool | None = _help("LoRA experts: require the adapters to name the same base.", None)
+    aux_loss_coef: float = _help("Weight of the router load-balancing loss in router training.", 0.01)
+
+    def builder_kwargs(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None and k != "aux_loss_coef"}
 
 
 @dataclass
@@ -182,8 +193,10 @@ class CombineConfig:
     kind: Literal["merge", "moe"] = _help("merge: one model from the ingredients' weights; moe: a mixture "
                                           "of experts built from them.", "merge")
     method: str = _help("merge: linear (average), task_arithmetic, ties, dare, dare_ties.", "ties")
-    params: dict[str, Any] = _help("Method parameters: merge: weights, density, lam, sign_method, weight_order, "
-                                   "seed; moe: top_k, router_init, normalisation, ...", factory=dict)
+    params: dict[str, Any] = _help("Parameters, checked when the config loads: merge: weights, density, lam, "
+                                   "sign_method, weight_order, seed (MergeParams); moe: top_k, router_init, "
+                                   "normalisation, moe_layers, same_base_threshold, check_base_name, "
+                                   "aux_loss_coef (MoEParams).", factory=dict)
     # [paper helper, issue 11] default per_factor -> full (mean ΔW merged into the base, the seed code's average)
     lora_mode: Literal["per_factor", "svd", "full"] = _help(
         "LoRA ingredients: full merges the updates ΔW=B·A into the base and writes a full model (the default; "
@@ -191,9 +204,15 @@ class CombineConfig:
         "separately, PEFT add_weighted_adapter's behaviour (B·A of the merge is not the mean ΔW); svd merges "
         "ΔW and re-factorises to an adapter.", "full")
     rank: int | None = _help("Rank of the re-factorised adapter (lora_mode: svd).", None)
-    router_training: dict[str, Any] | None = _help("moe: train only the routers on the tasks' training data "
-                                                   "(training settings overrides; null: no router training).", None)
+    router_training: dict[str, Any] | None = _help("moe: train only the routers on examples of each task's eval "
+                                                   "split (its train split when it has none); training settings "
+                                                   "overrides, checked at load; null: no router training.", None)
     router_examples: int = _help("moe: router training examples taken from each task (seeded).", 16)
+
+    def typed_params(self, source: str = "<config>") -> MergeParams | MoEParams:
+        """``params`` as the dataclass of this step's kind; an unknown key names the key and the file."""
+        cls = MergeParams if self.kind == "merge" else MoEParams
+        return _build(cls, self.params, f"combine[{self.name}].params", source)
 
 
 @dataclass
@@ -249,8 +268,11 @@ class ExperimentConfig:
 
     def training_for(self, method: MethodConfig) -> TrainingConfig:
         """The experiment's training settings with the method's overrides applied (validated)."""
-        merged = dataclasses.asdict(self.training) | method.training
-        return _build(TrainingConfig, merged, f"methods[{method.name}].training", "<config>")
+        return self.training_with(method.training, f"methods[{method.name}].training")
+
+    def training_with(self, overrides: dict[str, Any], where: str, source: str = "<config>") -> TrainingConfig:
+        """The experiment's training settings with ``overrides`` (a method's or a router training's)."""
+        return _build(TrainingConfig, dataclasses.asdict(self.training) | overrides, where, source)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,17 +332,48 @@ def _convert(tp: Any, value: Any, where: str, source: str) -> Any:
     raise CairnError(f"{source}: {where}: expected {_type_name(tp)}, got {value!r}")
 
 
-def _build(cls: type, data: dict, where: str, source: str):
+def _method_sections() -> dict:
+    # Plugin discovery: the method pieces register their config sections when cairn.methods is
+    # imported (the one place config looks up a layer; it only reads the registered dataclasses).
+    from cairn.methods.registry import sections
+
+    return {k: s for k, s in sections().items() if s.cls is not None}
+
+
+def _build_method(data: dict, where: str, source: str) -> MethodConfig:
+    """A MethodConfig: its own keys, plus the registered sections (``lora:``, ``olora:``, ``ewc:``, ...)."""
+    from cairn.methods.registry import strategies, trainables
+
+    registered = _method_sections()
+    own = {k: v for k, v in data.items() if k not in registered}
+    cfg = _build(MethodConfig, own, where, source, extra=list(registered))
+    for key, options in (("strategy", strategies()), ("trainable", trainables())):
+        if getattr(cfg, key) not in options:
+            raise CairnError(f"{source}: {where}.{key}: {getattr(cfg, key)!r} is not one of "
+                             f"{', '.join(map(repr, options))}")
+    for key, section in registered.items():
+        value = data.get(key)
+        if value is None:
+            cfg.sections[key] = section.cls() if section.default_on else None
+        else:
+            cfg.sections[key] = _convert(section.cls, value, f"{where}.{key}", source)
+    return cfg
+
+
+def _build(cls: type, data: dict, where: str, source: str, extra: list[str] | None = None):
+    if cls is MethodConfig and extra is None:
+        return _build_method(data, where, source)
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("section_holder")}
     unknown = [k for k in data if k not in fields]
     if unknown:
         key = unknown[0]
-        close = difflib.get_close_matches(str(key), list(fields), n=1)
+        valid = list(fields) + list(extra or [])
+        close = difflib.get_close_matches(str(key), valid, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise CairnError(
             f"{source}: unknown key {key!r} in {where or 'the top level'}{hint}; "
-            f"valid keys: {', '.join(fields)}"
+            f"valid keys: {', '.join(valid)}"
         )
     kwargs = {}
     for name, f in fields.items():
@@ -411,19 +464,31 @@ def validate(cfg: ExperimentConfig, source: str) -> None:
     check_trackers(cfg.tracking.report_to, f"{source}: tracking.report_to")
     for method in cfg.methods:
         cfg.training_for(method)  # validates the overrides
-        if method.trainable != "lora" and (method.olora or method.nlora):
-            which = "O-LoRA" if method.olora else "N-LoRA"
-            raise CairnError(f"{source}: method {method.name!r}: {which} constrains LoRA adapters, not "
-                             f"trainable: {method.trainable}; "
-                             f"set `trainable: lora` or drop `{'olora' if method.olora else 'nlora'}`")
         if not 0.0 <= method.replay <= 1.0:
             raise CairnError(f"{source}: method {method.name!r}: replay must be in [0, 1], got {method.replay}")
-        for label, values in (("olora.lambda1", method.olora and method.olora.lambda1),
-                              ("olora.lambda2", method.olora and method.olora.lambda2),
-                              ("nlora.lam", method.nlora and method.nlora.lam)):
-            vals = values if isinstance(values, list) else [values]
-            if any(v is not None and v is not False and v < 0 for v in vals):
-                raise CairnError(f"{source}: method {method.name!r}: {label} must be >= 0, got {values}")
+        for key, section in _method_sections().items():
+            value = method.sections.get(key)
+            if value is not None and section.check is not None:
+                section.check(method, value, source)
+    for comb in cfg.combine:
+        comb.typed_params(source)
+        if comb.router_training is not None:
+            cfg.training_with(comb.router_training, f"combine[{comb.name}].router_training", source)
+
+
+def method_to_dict(method: MethodConfig) -> dict:
+    """A method as its YAML mapping: the registered sections are keys of the method itself."""
+    data = {f.name: copy.deepcopy(getattr(method, f.name)) for f in dataclasses.fields(method)
+            if not f.metadata.get("section_holder")}
+    for key, value in method.sections.items():
+        data[key] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    return data
+
+
+def to_dict(cfg: ExperimentConfig) -> dict:
+    data = dataclasses.asdict(cfg)
+    data["methods"] = [method_to_dict(m) for m in cfg.methods]
+    return data
 
 
 def validate_task(task: TaskConfig, source: str | None = None) -> None:
@@ -453,4 +518,4 @@ def validate_task(task: TaskConfig, source: str | None = None) -> None:
 
 
 def to_yaml(cfg: ExperimentConfig) -> str:
-    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False, allow_unicode=True)
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)

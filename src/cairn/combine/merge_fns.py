@@ -257,18 +257,6 @@ def random_mask(shape: torch.Size | tuple[int, ...], density: float, generator: 
     return torch.rand(shape, generator=generator) < density
 
 
-def prune_magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """TIES trim of one delta: zero all but its top ``density`` entries by magnitude (no rescale)."""
-    return delta * magnitude_mask(delta, density)
-
-
-def prune_random(delta: torch.Tensor, density: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """DARE of one delta: drop each entry with probability 1 − density, rescale survivors by 1/density."""
-    if density >= 1.0:
-        return delta.clone()
-    return delta * random_mask(delta.shape, density, generator) / density
-
-
 # ---------------------------------------------------------------- consensus and combination
 
 

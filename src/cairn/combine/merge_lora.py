@@ -30,7 +30,7 @@ up to the largest rank; that leaves every B_t·A_t unchanged, and the merge then
 components by index, which is no more arbitrary than per-factor merging is in the first place
 (PEFT refuses different ranks here).
 
-Not supported (refused with a message): DoRA, ``alpha_pattern``, and ``modules_to_save`` /
+Not supported (refused with a message): DoRA and ``modules_to_save`` /
 saved embedding tensors that differ between adapters (identical ones are copied through).
 """
 
@@ -40,7 +40,6 @@ import json
 import math
 import os
 import re
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +48,8 @@ from typing import Literal, Sequence
 import torch
 
 from cairn import atomic
+from cairn.io.adapters import lora_scaling
+from cairn.io.support import TOKENIZER_FILES, copy_support_files
 from cairn.combine.merge_fns import MergeSpec, MergeStats, merge_tensor
 from cairn.combine.merge_models import (
     DEFAULT_SHARD_BYTES,
@@ -56,7 +57,6 @@ from cairn.combine.merge_models import (
     ShardedWriter,
     TensorReader,
     check_output,
-    copy_support_files,
     open_model,
     parse_size,
     tensor_generators,
@@ -67,8 +67,6 @@ Mode = Literal["per_factor", "svd", "full"]
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<factor>lora_A|lora_B)\.weight$|"
                        r"^(?P<emodule>.+)\.(?P<efactor>lora_embedding_A|lora_embedding_B)$")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                    "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json")
 
 
 @dataclass
@@ -79,9 +77,7 @@ class Adapter:
     other: dict[str, torch.Tensor]  # non-LoRA tensors (modules_to_save, saved embedding layers)
 
     def scaling(self, module: str) -> float:
-        r = self.modules[module][0].shape[0]
-        alpha = float(self.config.get("lora_alpha", r))
-        return alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r
+        return lora_scaling(self.config, module, rank=self.modules[module][0].shape[0])
 
     def delta(self, module: str) -> torch.Tensor:
         """s · B·A in the "B·A" orientation (out × in; for embeddings dim × vocab)."""
@@ -106,8 +102,6 @@ def load_adapter(path: str | os.PathLike) -> Adapter:
         raise CairnError(f"{cfg_file}: peft_type is {config.get('peft_type')}; only LoRA adapters can be merged")
     if config.get("use_dora"):
         raise CairnError(f"{cfg_file}: DoRA adapters (use_dora: true) are not supported by cairn merge")
-    if config.get("alpha_pattern"):
-        raise CairnError(f"{cfg_file}: alpha_pattern is not supported by cairn merge; retrain with one lora_alpha")
     weights = path / ADAPTER_WEIGHTS
     if not weights.is_file():
         hint = " (it has adapter_model.bin; re-save with safe_serialization=True)" \
@@ -266,9 +260,7 @@ def _write_adapter(out: Path, adapters: Sequence[Adapter], tensors: dict[str, to
     atomic.write_json(out / "adapter_config.json", config)
     save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()}, str(out / ADAPTER_WEIGHTS),
               metadata={"format": "pt"})
-    for name in _TOKENIZER_FILES:
-        if (first.path / name).is_file():
-            shutil.copy2(first.path / name, out / name)
+    copy_support_files(first.path, out, only=TOKENIZER_FILES)
 
 
 def merge_adapters(

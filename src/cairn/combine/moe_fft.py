@@ -24,9 +24,6 @@ one shard plus, for prompt-based routers, one copy of the base model.
 
 from __future__ import annotations
 
-import contextlib
-import json
-import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -35,108 +32,15 @@ import torch
 from cairn import atomic
 from cairn.combine import router_init as rinit
 from cairn.errors import CairnError
+from cairn.io.architecture import architecture_differences
+from cairn.io.safetensors import ST_CODES, ST_DTYPES, Checkpoint, ShardedWriter
+from cairn.io.same_base import check_same_base, tensor_distance
+from cairn.io.support import copy_support_files
 
 SUPPORTED_TYPES = ("llama", "mistral")
-ARCH_FIELDS = (
-    "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-    "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act",
-)
 MLP_PARTS = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
 SAME_BASE_TENSOR = "model.layers.0.self_attn.q_proj.weight"
 MANIFEST = "moe_manifest.json"
-_SKIP_COPY = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json", MANIFEST}
-_SKIP_SUFFIX = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
-
-
-class SafetensorsCheckpoint:
-    """Read tensors one at a time from a (possibly sharded) safetensors checkpoint directory."""
-
-    def __init__(self, path: Path) -> None:
-        from safetensors import safe_open
-
-        self.path = path
-        index = path / "model.safetensors.index.json"
-        if index.is_file():
-            self.weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        elif (path / "model.safetensors").is_file():
-            with safe_open(str(path / "model.safetensors"), "pt") as f:
-                self.weight_map = {k: "model.safetensors" for k in f.keys()}
-        else:
-            raise CairnError(
-                f"{path} has no safetensors weights (model.safetensors or its index); "
-                "re-save the model with save_pretrained(..., safe_serialization=True)"
-            )
-        self._stack = contextlib.ExitStack()
-        self._open: dict[str, Any] = {}
-        self._safe_open = safe_open
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.weight_map
-
-    def keys(self) -> list[str]:
-        return list(self.weight_map)
-
-    def get(self, name: str) -> torch.Tensor:
-        if name not in self.weight_map:
-            raise CairnError(f"{self.path}: tensor {name} is missing from the checkpoint")
-        file = self.weight_map[name]
-        if file not in self._open:
-            self._open[file] = self._stack.enter_context(self._safe_open(str(self.path / file), "pt"))
-        return self._open[file].get_tensor(name)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        file = self.weight_map[name]
-        if file not in self._open:
-            self._open[file] = self._stack.enter_context(self._safe_open(str(self.path / file), "pt"))
-        return tuple(self._open[file].get_slice(name).get_shape())
-
-    def close(self) -> None:
-        self._stack.close()
-
-
-class _ShardWriter:
-    """Collect tensors and write safetensors shards of at most ``max_bytes`` (plus an index)."""
-
-    def __init__(self, folder: Path, max_bytes: int) -> None:
-        self.folder, self.max_bytes = folder, max_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.files: list[tuple[str, list[str]]] = []
-        self.total_bytes = 0
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_bytes:
-            self.flush()
-        self.pending[name] = tensor.contiguous()
-        self.pending_bytes += size
-        self.total_bytes += size
-
-    def flush(self) -> None:
-        from safetensors.torch import save_file
-
-        if not self.pending:
-            return
-        name = f"shard-{len(self.files):05d}.safetensors"
-        save_file(self.pending, str(self.folder / name), metadata={"format": "pt"})
-        self.files.append((name, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
-
-    def finish(self) -> None:
-        self.flush()
-        n = len(self.files)
-        if n == 1:
-            (self.folder / self.files[0][0]).rename(self.folder / "model.safetensors")
-            return
-        weight_map = {}
-        for i, (tmp_name, names) in enumerate(self.files):
-            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            (self.folder / tmp_name).rename(self.folder / final)
-            weight_map.update({k: final for k in names})
-        atomic.write_json(
-            self.folder / "model.safetensors.index.json",
-            {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map},
-        )
 
 
 def _resolve(spec: str | Path) -> Path:
@@ -167,11 +71,7 @@ def _check_configs(base_path: Path, base_cfg, experts: Sequence[tuple[Path, Any]
         if getattr(base_cfg, flag, False):
             raise CairnError(f"{base_path}: {flag}=true has no place in Mixtral (no biases); cannot mix this model")
     for path, cfg in experts:
-        diffs = [
-            f"{f}: {getattr(cfg, f, None)} vs base {getattr(base_cfg, f, None)}"
-            for f in ARCH_FIELDS
-            if getattr(cfg, f, None) != getattr(base_cfg, f, None)
-        ]
+        diffs = [f"{key}: {b} vs base {a}" for key, a, b in architecture_differences(base_cfg.to_dict(), cfg.to_dict())]
         if diffs:
             raise CairnError(
                 f"expert {path} has a different architecture than the base {base_path} ({'; '.join(diffs)}); "
@@ -179,17 +79,12 @@ def _check_configs(base_path: Path, base_cfg, experts: Sequence[tuple[Path, Any]
             )
 
 
-def _check_same_base(base: SafetensorsCheckpoint, expert: SafetensorsCheckpoint, threshold: float) -> None:
+def _check_same_base(base: Checkpoint, expert: Checkpoint, threshold: float) -> None:
     if SAME_BASE_TENSOR not in base or SAME_BASE_TENSOR not in expert:
         raise CairnError(f"{expert.path}: tensor {SAME_BASE_TENSOR} is missing; is this a Llama-family checkpoint?")
-    b, e = base.get(SAME_BASE_TENSOR).float(), expert.get(SAME_BASE_TENSOR).float()
-    rel = float((e - b).norm() / b.norm().clamp_min(1e-12))
-    if rel > threshold:
-        raise CairnError(
-            f"expert {expert.path} does not look fine-tuned from the base {base.path}: its {SAME_BASE_TENSOR} "
-            f"differs by {rel:.2f} of the base's norm (fine-tunes differ by far less than {threshold}); "
-            "mix only models trained from this base (or raise same_base_threshold if you are sure)"
-        )
+    rel = tensor_distance(base.get(SAME_BASE_TENSOR), expert.get(SAME_BASE_TENSOR))
+    check_same_base(rel, threshold, model=str(expert.path), base=str(base.path), tensor=SAME_BASE_TENSOR,
+                    raise_hint="raise same_base_threshold")
 
 
 def _mixtral_config(base_cfg, num_experts: int, top_k: int, dtype: torch.dtype):
@@ -310,8 +205,8 @@ def build_fft_moe(
     if bad:
         raise CairnError(f"moe_layers {bad} out of range: the base has layers 0..{num_layers - 1}")
 
-    base_ck = SafetensorsCheckpoint(base_path)
-    expert_cks = [SafetensorsCheckpoint(p) for p in expert_paths]
+    base_ck = Checkpoint(base_path)
+    expert_cks = [Checkpoint(p) for p in expert_paths]
     try:
         for ck in expert_cks:
             _check_same_base(base_ck, ck, same_base_threshold)
@@ -322,26 +217,33 @@ def build_fft_moe(
         dtype = base_ck.get("model.embed_tokens.weight").dtype
         tied = bool(getattr(base_cfg, "tie_word_embeddings", False))
         stem = 0
+        code = ST_CODES[dtype]
+        stem_names = [n for n in base_ck.keys() if ".mlp." not in n and not (tied and n == "lm_head.weight")]
+        plan = [(n, code if ST_DTYPES[base_ck.refs[n].code].is_floating_point else base_ck.refs[n].code,
+                 base_ck.shape(n)) for n in stem_names]
+        for i in range(num_layers):
+            prefix = f"model.layers.{i}"
+            plan.append((f"{prefix}.block_sparse_moe.gate.weight", code, (k, hidden)))
+            plan += [(f"{prefix}.block_sparse_moe.experts.{e}.{mixtral}.weight", code,
+                      base_ck.shape(f"{prefix}.mlp.{llama}.weight"))
+                     for e in range(k) for llama, mixtral in MLP_PARTS.items()]
         with atomic.atomic_dir(out, overwrite=overwrite) as tmp:
-            writer = _ShardWriter(tmp, max_shard_bytes)
-            for name in base_ck.keys():
-                if ".mlp." in name or (tied and name == "lm_head.weight"):
-                    continue
+            writer = ShardedWriter(tmp, plan, max_shard_bytes)  # streamed: one tensor in memory at a time
+            for name in stem_names:
                 tensor = base_ck.get(name)
                 stem += tensor.numel()
-                writer.add(name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+                writer.write(name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
             for i in range(num_layers):
                 prefix = f"model.layers.{i}"
-                writer.add(f"{prefix}.block_sparse_moe.gate.weight", routers[i].to(dtype))
+                writer.write(f"{prefix}.block_sparse_moe.gate.weight", routers[i].to(dtype))
                 for e in range(k):
                     source = expert_cks[e] if i in layers else base_ck
                     for llama, mixtral in MLP_PARTS.items():
-                        # clone: safetensors refuses tensors sharing memory (the replicated base MLP)
-                        tensor = source.get(f"{prefix}.mlp.{llama}.weight").to(dtype).clone()
-                        writer.add(f"{prefix}.block_sparse_moe.experts.{e}.{mixtral}.weight", tensor)
-            writer.finish()
+                        tensor = source.get(f"{prefix}.mlp.{llama}.weight").to(dtype)
+                        writer.write(f"{prefix}.block_sparse_moe.experts.{e}.{mixtral}.weight", tensor)
+            writer.close()
             _mixtral_config(base_cfg, k, top_k, dtype).save_pretrained(str(tmp))
-            _copy_side_files(base_path, tmp)
+            copy_support_files(base_path, tmp, skip=("config.json", MANIFEST))
             counts = parameter_counts(stem, hidden, inter, num_layers, k, top_k, len(layers))
             stats = {
                 "kind": "fft_moe",
@@ -361,10 +263,3 @@ def build_fft_moe(
         for ck in expert_cks:
             ck.close()
     return stats
-
-
-def _copy_side_files(src: Path, dst: Path) -> None:
-    """Tokenizer, generation config, chat template, README: everything but weights and config."""
-    for f in src.iterdir():
-        if f.is_file() and f.name not in _SKIP_COPY and not f.name.endswith(_SKIP_SUFFIX):
-            shutil.copy2(f, dst / f.name)

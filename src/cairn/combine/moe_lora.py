@@ -27,152 +27,28 @@ from __future__ import annotations
 
 import copy
 import json
-import re
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cairn import atomic
 from cairn.combine import router_init as rinit
 from cairn.errors import CairnError
+from cairn.io.adapters import lora_scaling
+from cairn.routed_lora import (MIXTURE_ATTR, NORMALISATIONS, RoutedLoRALinear, experts_disabled, routed_layers,
+                               routing_weights)
 
 MANIFEST = "lora_moe.json"
 ROUTERS_FILE = "routers.safetensors"
-NORMALISATIONS = ("softmax", "sigmoid")
 _PEFT_PREFIX = "base_model.model."
-_INFO_ATTR = "cairn_lora_moe"
+_INFO_ATTR = MIXTURE_ATTR
 
-
-# ----------------------------------------------------------------------------- routing (pure)
-
-
-def routing_weights(logits: torch.Tensor, top_k: int | None, normalisation: str) -> torch.Tensor:
-    """Gate of every expert per token, (..., K) float32; unchosen experts get exactly 0.
-
-    softmax: p = softmax(logits); with top_k, keep the k largest and divide by their sum.
-    sigmoid: g = sigmoid(logits); with top_k, keep the k largest as they are.
-    """
-    logits = logits.float()
-    if normalisation == "softmax":
-        gates = logits.softmax(dim=-1)
-    elif normalisation == "sigmoid":
-        gates = logits.sigmoid()
-    else:
-        raise CairnError(f"unknown router normalisation {normalisation!r}; choose softmax or sigmoid")
-    if top_k is None or top_k >= gates.shape[-1]:
-        return gates  # dense; top-K of K keeps (softmax: renormalises to) the same gates
-    values, index = gates.topk(top_k, dim=-1)
-    if normalisation == "softmax":
-        values = values / values.sum(dim=-1, keepdim=True)
-    return torch.zeros_like(gates).scatter(-1, index, values)
-
-
-# ----------------------------------------------------------------------------- the layer
-
-
-class LoRAMoELinear(nn.Module):
-    """A frozen ``nn.Linear`` plus K routed LoRA experts (stacked, batched; no loop over tokens).
-
-    Attributes read by losses after each forward: ``last_router_logits`` and
-    ``last_routing_weights``, both (..., K) with the input's leading shape.
-    """
-
-    def __init__(
-        self,
-        base: nn.Linear,
-        lora_A: torch.Tensor,
-        lora_B: torch.Tensor,
-        scaling: torch.Tensor,
-        router_weight: torch.Tensor | None = None,
-        top_k: int | None = None,
-        normalisation: str = "softmax",
-        dropout: float = 0.0,
-    ) -> None:
-        super().__init__()
-        k, r, d_in = lora_A.shape
-        if lora_B.shape != (k, base.out_features, r) or d_in != base.in_features:
-            raise ValueError(f"expert shapes A{tuple(lora_A.shape)} B{tuple(lora_B.shape)} do not fit {base}")
-        if normalisation not in NORMALISATIONS:
-            raise CairnError(f"unknown router normalisation {normalisation!r}; choose softmax or sigmoid")
-        if top_k is not None and not 1 <= top_k <= k:
-            raise CairnError(f"top_k={top_k} must be between 1 and the number of experts ({k})")
-        self.base = base
-        dtype, device = base.weight.dtype, base.weight.device
-        self.lora_A = nn.Parameter(lora_A.to(device=device, dtype=dtype), requires_grad=False)
-        self.lora_B = nn.Parameter(lora_B.to(device=device, dtype=dtype), requires_grad=False)
-        self.register_buffer("scaling", scaling.to(device=device, dtype=torch.float32).reshape(k))
-        self.router = nn.Linear(base.in_features, k, bias=False, device=device, dtype=dtype)
-        with torch.no_grad():
-            if router_weight is None:
-                self.router.weight.zero_()
-            else:
-                self.router.weight.copy_(router_weight)
-        self.top_k = top_k
-        self.normalisation = normalisation
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.experts_enabled = True
-        self.last_router_logits: torch.Tensor | None = None
-        self.last_routing_weights: torch.Tensor | None = None
-
-    @property
-    def num_experts(self) -> int:
-        return self.lora_A.shape[0]
-
-    @property
-    def rank(self) -> int:
-        return self.lora_A.shape[1]
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
-
-    @property
-    def weight(self) -> torch.Tensor:  # so code that inspects `module.weight` (dtype, device) still works
-        return self.base.weight
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
-        if not self.experts_enabled:
-            return out
-        k, r, d_in = self.lora_A.shape
-        logits = self.router(x)
-        gates = routing_weights(logits, self.top_k, self.normalisation)
-        self.last_router_logits = logits
-        self.last_routing_weights = gates
-        h = F.linear(self.dropout(x), self.lora_A.reshape(k * r, d_in))  # (..., K·r): all experts at once
-        h = h.unflatten(-1, (k, r)) * (gates * self.scaling).to(h.dtype).unsqueeze(-1)
-        b = self.lora_B.permute(1, 0, 2).reshape(self.out_features, k * r)  # (d_out, K·r)
-        return out + F.linear(h.flatten(-2), b)
-
-    def extra_repr(self) -> str:
-        return f"experts={self.num_experts}, rank={self.rank}, top_k={self.top_k}, normalisation={self.normalisation}"
-
-
-def lora_moe_layers(model: nn.Module) -> dict[str, LoRAMoELinear]:
-    """Every LoRAMoELinear of ``model`` by module name (in model order)."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoRAMoELinear)}
-
-
-@contextmanager
-def experts_disabled(model: nn.Module) -> Iterator[None]:
-    """Run the mixture as its plain base model (used to read base hidden states)."""
-    layers = list(lora_moe_layers(model).values())
-    for layer in layers:
-        layer.experts_enabled = False
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.experts_enabled = True
+# The mixer's historical names for the shared layer (cairn.routed_lora).
+LoRAMoELinear = RoutedLoRALinear
+lora_moe_layers = routed_layers
 
 
 # ----------------------------------------------------------------------------- reading PEFT adapters
@@ -192,14 +68,6 @@ class LoraAdapter:
     @property
     def modules(self) -> list[str]:
         return list(self.A)
-
-
-def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    # PEFT's rule (peft.utils.other.get_pattern_key): a key matches a module name ending in it.
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
 
 
 def read_lora_adapter(path: str | Path) -> LoraAdapter:
@@ -239,14 +107,12 @@ def read_lora_adapter(path: str | Path) -> LoraAdapter:
             )
     if not A or set(A) != set(B):
         raise CairnError(f"{weights}: lora_A and lora_B tensors do not pair up (modules {sorted(set(A) ^ set(B))[:5]})")
-    alpha_default = float(config.get("lora_alpha", 8))
     scaling = {}
     for module, a in A.items():
         r = a.shape[0]
         if B[module].shape[1] != r:
             raise CairnError(f"{weights}: {module} has lora_A rank {r} but lora_B rank {B[module].shape[1]}")
-        alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module, alpha_default))
-        scaling[module] = alpha / (r**0.5) if config.get("use_rslora") else alpha / r
+        scaling[module] = lora_scaling(config, module, rank=r)
     dtype = next(iter(A.values())).dtype
     return LoraAdapter(source=str(path), config=config, A=A, B=B, scaling=scaling, dtype=dtype)
 
@@ -291,7 +157,7 @@ def _check_against_model(model: nn.Module, adapter: LoraAdapter, modules: Sequen
     targets = {}
     for m in modules:
         mod = found.get(m)
-        if isinstance(mod, LoRAMoELinear):
+        if isinstance(mod, RoutedLoRALinear):
             mod = mod.base
         if not isinstance(mod, nn.Linear):
             raise CairnError(
@@ -366,15 +232,16 @@ def build_lora_moe(
     tokenizer=None,
     seed: int = 0,
     check_base_name: bool = True,
+    dropout: float = 0.0,
 ) -> nn.Module:
     """Turn ``base_model`` (modified in place and returned) into a LoRA mixture of ``adapters``.
 
-    Every linear the adapters target becomes a :class:`LoRAMoELinear`; the base and the experts are
+    Every linear the adapters target becomes a :class:`RoutedLoRALinear`; the base and the experts are
     frozen, the routers trainable. ``router_prompts`` is one list of texts per adapter (needed for
     ``router_init`` "prompts", "last_token" and "data"; with ``tokenizer``).
     """
-    if lora_moe_layers(base_model):
-        raise CairnError("the model is already a LoRA mixture; use add_expert to add adapters to it")
+    if routed_layers(base_model):
+        raise CairnError("the model is already a LoRA mixture; build the mixture on a plain base model")
     loaded = [read_lora_adapter(p) for p in adapters]
     k = len(loaded)
     modules = check_adapters(loaded, check_base_name)
@@ -393,7 +260,7 @@ def build_lora_moe(
         A, B, scaling = _stack(loaded, m)
         parent_name, _, child = m.rpartition(".")
         parent = base_model.get_submodule(parent_name)
-        layer = LoRAMoELinear(getattr(parent, child), A, B, scaling, routers[m], top_k, normalisation)
+        layer = RoutedLoRALinear(getattr(parent, child), A, B, scaling, routers[m], top_k, normalisation, dropout)
         setattr(parent, child, layer)
     setattr(
         base_model,
@@ -410,70 +277,10 @@ def build_lora_moe(
     return base_model
 
 
-def add_expert(
-    model: nn.Module,
-    adapter: str | Path,
-    router_init: str | None = None,
-    router_prompts: Sequence[str] | None = None,
-    tokenizer=None,
-    seed: int = 0,
-    check_base_name: bool = True,
-) -> nn.Module:
-    """Add adapter K+1 to a LoRA mixture, keeping every existing expert and router row unchanged.
-
-    The new router row is initialised with ``router_init`` (default: the mixture's own), from
-    ``router_prompts`` (texts for the new expert) where the init needs them. Parameters are replaced
-    by larger ones, so build the optimizer after calling this.
-    """
-    info = getattr(model, _INFO_ATTR, None)
-    layers = lora_moe_layers(model)
-    if info is None or not layers:
-        raise CairnError("add_expert needs a LoRA mixture (from build_lora_moe or load_lora_moe)")
-    new = read_lora_adapter(adapter)
-    ref = LoraAdapter(
-        source=info["experts"][0]["source"],
-        config=info["experts"][0]["config"],
-        A={m: layers[m].lora_A[0] for m in layers},
-        B={m: layers[m].lora_B[0] for m in layers},
-        scaling={},
-        dtype=new.dtype,
-    )
-    check_adapters([ref, new], check_base_name)
-    _check_against_model(model, new, list(layers))
-    router_init = router_init or info["router_init"]
-    rinit.check_router_prompts(router_init, None if router_prompts is None else [router_prompts], 1)
-    rows = _init_routers(model, list(layers), 1, router_init, None if router_prompts is None else [router_prompts], tokenizer, seed)
-    for i, (name, layer) in enumerate(layers.items()):
-        r_new = new.A[name].shape[0]
-        r = max(layer.rank, r_new)
-        k = layer.num_experts
-        dev, dt = layer.lora_A.device, layer.lora_A.dtype
-        A = torch.zeros(k + 1, r, layer.in_features, device=dev, dtype=dt)
-        B = torch.zeros(k + 1, layer.out_features, r, device=dev, dtype=dt)
-        A[:k, : layer.rank] = layer.lora_A.detach()
-        B[:k, :, : layer.rank] = layer.lora_B.detach()
-        A[k, :r_new] = new.A[name].to(dev, dt)
-        B[k, :, :r_new] = new.B[name].to(dev, dt)
-        row = rows[name]
-        if row is None:
-            row = torch.zeros(1, layer.in_features)
-        router = nn.Linear(layer.in_features, k + 1, bias=False, device=dev, dtype=layer.router.weight.dtype)
-        with torch.no_grad():
-            router.weight[:k] = layer.router.weight.detach()
-            router.weight[k] = row.reshape(-1).to(router.weight)
-        router.weight.requires_grad_(layer.router.weight.requires_grad)
-        layer.lora_A = nn.Parameter(A, requires_grad=layer.lora_A.requires_grad)
-        layer.lora_B = nn.Parameter(B, requires_grad=layer.lora_B.requires_grad)
-        layer.scaling = torch.cat([layer.scaling, torch.tensor([new.scaling[name]], device=dev)])
-        layer.router = router
-    info["experts"].append(_expert_record(new))
-    return model
-
-
 # ----------------------------------------------------------------------------- save / load
 
 
-def _expert_tensors(layers: dict[str, LoRAMoELinear], e: int, record: dict[str, Any]) -> dict[str, torch.Tensor]:
+def _expert_tensors(layers: dict[str, RoutedLoRALinear], e: int, record: dict[str, Any]) -> dict[str, torch.Tensor]:
     dtype = getattr(torch, record["dtype"])
     out = {}
     for name, layer in layers.items():
@@ -488,7 +295,7 @@ def save_lora_moe(model: nn.Module, out: str | Path, overwrite: bool = False) ->
     from safetensors.torch import save_file
 
     info = getattr(model, _INFO_ATTR, None)
-    layers = lora_moe_layers(model)
+    layers = routed_layers(model)
     if info is None or not layers:
         raise CairnError("save_lora_moe needs a LoRA mixture (from build_lora_moe, load_lora_moe or apply_loramoe)")
     out = Path(out)
@@ -514,6 +321,7 @@ def save_lora_moe(model: nn.Module, out: str | Path, overwrite: bool = False) ->
             "router_init": info["router_init"],
             "modules": list(layers),
             "experts": experts,
+            "dropout": next(iter(layers.values())).dropout_p,  # the experts' input dropout, for resumed training
         }
         manifest.update({k: v for k, v in info.items() if k.startswith("train_")})
         atomic.write_json(tmp / MANIFEST, manifest)
@@ -538,9 +346,10 @@ def load_lora_moe(path: str | Path, base_model: nn.Module) -> nn.Module:
         normalisation=manifest["normalisation"],
         router_init="zeros",
         check_base_name=False,
+        dropout=float(manifest.get("dropout", manifest.get("train_loramoe", {}).get("dropout", 0.0))),
     )
     routers = load_file(str(path / ROUTERS_FILE))
-    layers = lora_moe_layers(model)
+    layers = routed_layers(model)
     if set(routers) != {f"{n}.router.weight" for n in layers}:
         raise CairnError(f"{path / ROUTERS_FILE} does not match the experts' modules; the mixture directory is damaged")
     with torch.no_grad():

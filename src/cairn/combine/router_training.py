@@ -8,7 +8,7 @@ it needs for both kinds of mixture:
 - :func:`freeze_all_but_routers` / :func:`router_parameters` select the trainable parameters.
 - Extra-loss parts (objects with ``extra_loss(model, batch, outputs) -> dict[str, Tensor]``):
   :class:`MixtralAuxLoss` for FFT mixtures (Mixtral's own auxiliary load-balancing loss,
-  ``outputs.aux_loss``), :class:`LoRAMoEAuxLoss` for LoRA mixtures (the same Switch-Transformer
+  ``outputs.aux_loss``), :class:`RoutedLoRAAuxLoss` for LoRA mixtures (the same Switch-Transformer
   loss, Fedus et al. 2021, arXiv 2101.03961, on the routers' recorded probabilities).
 
 Deviation noted: transformers' Mixtral pools all layers' tokens before forming the Switch loss; the
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cairn.combine.moe_lora import LoRAMoELinear, lora_moe_layers
+from cairn.routed_lora import RoutedLoRALinear, routed_layers
 from cairn.errors import CairnError
 
 
@@ -36,7 +36,7 @@ def router_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The router weights of an FFT (Mixtral) or LoRA mixture, in model order."""
     params: list[nn.Parameter] = []
     for module in model.modules():
-        if isinstance(module, LoRAMoELinear):
+        if isinstance(module, RoutedLoRALinear):
             params.append(module.router.weight)
         elif _is_router_module(module):
             params.append(module.weight)
@@ -85,7 +85,7 @@ def switch_load_balancing_loss(
     return k * (f * p).sum()
 
 
-class LoRAMoEAuxLoss:
+class RoutedLoRAAuxLoss:
     """Switch-style load balancing for LoRA mixtures: coef · mean over routed modules."""
 
     def __init__(self, coef: float = 0.01, name: str = "router_aux") -> None:
@@ -93,9 +93,10 @@ class LoRAMoEAuxLoss:
         self.name = name
 
     def extra_loss(self, model: nn.Module, batch: dict[str, Any], outputs: Any) -> dict[str, torch.Tensor]:
-        layers = [l for l in lora_moe_layers(model).values() if l.last_router_logits is not None]
+        layers = [l for l in routed_layers(model).values() if l.last_router_logits is not None]
         if not layers:
-            raise CairnError("LoRAMoEAuxLoss: the model has no LoRA-MoE router outputs; call it after a forward pass")
+            raise CairnError("RoutedLoRAAuxLoss: the model has no LoRA-MoE router outputs; "
+                             "call it after a forward pass")
         mask = batch.get("attention_mask") if isinstance(batch, dict) else None
         terms = [switch_load_balancing_loss(l.last_router_logits, l.top_k, mask) for l in layers]
         return {self.name: self.coef * torch.stack(terms).mean()}
@@ -130,3 +131,7 @@ class MixtralAuxLoss:
                 "MixtralAuxLoss: outputs.aux_loss is missing; call MixtralAuxLoss.prepare(model) before training"
             )
         return {self.name: self.coef * aux}
+
+
+#: Former name (it is the LoRA-MoE mixer's loss, not LoRAMoE's localized balancing constraint).
+LoRAMoEAuxLoss = RoutedLoRAAuxLoss

@@ -70,13 +70,15 @@ def _parse_data_files(items: list[str]) -> dict[str, Path]:
 
 def resolve_artifact(spec: str) -> tuple[str, str | None]:
     """(base model spec, adapter folder or None) for a model spec, adapter folder or run directory."""
+    from cairn.rundir import MethodDir, round_artifact
+
     path = Path(spec).expanduser()
     if path.is_dir() and not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
-        rounds = sorted((p for p in (path / "rounds").glob("*") if p.is_dir()), key=_round_key) if (path / "rounds").is_dir() else []
-        artifacts = [p for p in rounds if (p / "config.json").is_file() or (p / "adapter_config.json").is_file()]
+        artifacts = [a for a in (round_artifact(r) for r in MethodDir(path).rounds()) if a is not None]
         if not artifacts:
             raise CairnError(f"{path} is not a model folder (no config.json), not a PEFT adapter (no "
-                             "adapter_config.json), and not a run directory with rounds/<k>-<task>/ artifacts")
+                             "adapter_config.json), and not a run directory with rounds/NN-<task>/{model,adapter} "
+                             "artifacts")
         path = artifacts[-1]
         print(f"[cairn] evaluating the last round's artifact: {path}")
     if (path / "adapter_config.json").is_file():
@@ -92,19 +94,16 @@ def resolve_artifact(spec: str) -> tuple[str, str | None]:
     return spec if not path.is_dir() else str(path), None
 
 
-def _round_key(p: Path) -> tuple[int, str]:
-    head = p.name.split("-", 1)[0]
-    return (int(head), p.name) if head.isdigit() else (10**9, p.name)
-
-
 def load_for_eval(spec: str, dtype: str = "float32", device: str | None = None):
     """(model, tokenizer, base path, adapter) for a model spec / adapter / run dir, ready for scoring."""
     import torch
 
     from cairn import models
 
+    from cairn.rundir import MethodDir
+
     path = Path(spec).expanduser()
-    if (path / "config.yaml").is_file() and (path / "rounds").is_dir():  # a method's run directory
+    if MethodDir(path).is_method_dir():  # a method's run directory: rebuilt as a resumed run would
         from cairn.experiment import load_method_model
 
         model, tokenizer = load_method_model(path)

@@ -256,7 +256,7 @@ def lora_delta_weights(model: nn.Module, adapter_name: str,
     as PEFT's ``get_delta_weight`` does: transposed for ``fan_in_fan_out`` (GPT-2 ``Conv1D``) layers
     and for embeddings. DoRA adapters are refused: their update also rescales by a magnitude vector.
     """
-    from cairn.methods.lora_layers import lora_factors
+    from cairn.lora_factors import lora_factors
 
     out: dict[str, torch.Tensor] = {}
     with torch.no_grad():

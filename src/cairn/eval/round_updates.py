@@ -1,6 +1,7 @@
 """Read each round's weight update ΔW back from a method's saved artifacts, for the diagnostics.
 
-LoRA rounds: ΔW = (alpha / r) · B·A from the round's PEFT adapter file (vanilla PEFT layout).
+LoRA rounds: ΔW = scaling · B·A from the round's PEFT adapter file, with PEFT's scaling rule
+(rsLoRA, alpha_pattern, rank_pattern: :func:`cairn.io.adapters.lora_scaling`).
 Full fine-tuning rounds: ΔW = W_k − W_{k−1} from consecutive round checkpoints (round 0 = base),
 for the transformer blocks' 2-D weights (embeddings and the output layer are left out: they are
 vocabulary-sized and not what the collision/orthogonality analyses of N-LoRA, arXiv 2410.10179, study).
@@ -8,14 +9,12 @@ vocabulary-sized and not what the collision/orthogonality analyses of N-LoRA, ar
 
 from __future__ import annotations
 
-import json
-import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from cairn.io.adapters import adapter_factors, lora_scaling, read_adapter_config
+from cairn.io.safetensors import Checkpoint
 
-_PEFT_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
 
 
 def lora_nuclear_norm(B: torch.Tensor, A: torch.Tensor, scaling: float) -> float:
@@ -30,40 +29,23 @@ def lora_nuclear_norm(B: torch.Tensor, A: torch.Tensor, scaling: float) -> float
 
 def adapter_nuclear_norm(adapter_dir: Path) -> float:
     """Σ over modules of ‖ΔW‖_* for one saved PEFT LoRA adapter (as :func:`round_diagnostics` sums it)."""
-    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-    factors = _factors(adapter_dir)
-    return sum(lora_nuclear_norm(ab["B"], ab["A"], cfg["lora_alpha"] / cfg["r"]) for ab in factors.values())
-
-
-def _factors(adapter_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
-    factors: dict[str, dict[str, torch.Tensor]] = {}
-    with safe_open(str(adapter_dir / "adapter_model.safetensors"), "pt") as f:
-        for key in f.keys():
-            m = _PEFT_KEY.match(key)
-            if m:
-                factors.setdefault(m["module"], {})[m["which"]] = f.get_tensor(key).float()
-    return factors
+    cfg = read_adapter_config(adapter_dir)
+    return sum(lora_nuclear_norm(ab["B"], ab["A"], lora_scaling(cfg, m, rank=ab["A"].shape[0]))
+               for m, ab in adapter_factors(adapter_dir).items())
 
 
 def adapter_updates(adapter_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(module -> ΔW, module -> A) of one saved PEFT LoRA adapter."""
-    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-    scaling = cfg["lora_alpha"] / cfg["r"]
-    factors = _factors(adapter_dir)
-    deltas = {name: scaling * (ab["B"] @ ab["A"]) for name, ab in factors.items()}
-    return deltas, {name: ab["A"] for name, ab in factors.items()}
+    cfg = read_adapter_config(adapter_dir)
+    factors = adapter_factors(adapter_dir)
+    deltas = {m: lora_scaling(cfg, m, rank=ab["A"].shape[0]) * (ab["B"] @ ab["A"]) for m, ab in factors.items()}
+    return deltas, {m: ab["A"] for m, ab in factors.items()}
 
 
 def _block_weights(model_dir: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for shard in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(shard), "pt") as f:
-            for key in f.keys():
-                if ".layers." in key and key.endswith(".weight"):
-                    t = f.get_tensor(key)
-                    if t.dim() == 2:
-                        out[key] = t.float()
-    return out
+    with Checkpoint(model_dir) as ck:
+        return {name: ck.get(name).float() for name in ck.keys()
+                if ".layers." in name and name.endswith(".weight") and len(ck.shape(name)) == 2}
 
 
 def checkpoint_updates(model_dirs: list[Path]) -> list[dict[str, torch.Tensor]]:

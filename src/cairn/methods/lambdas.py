@@ -39,3 +39,10 @@ def lambda_for_round(spec: float | Sequence[float], round_index: int, name: str 
                              f"needs one; give one value per round or a single number for all rounds")
         return check_lambda(spec[round_index], f"{name}[{round_index}]")
     return check_lambda(spec, name)
+
+
+def check_lambdas(spec: object, where: str) -> None:
+    """At config load: one number or a list of numbers, each >= 0 (the message names ``where``)."""
+    values = spec if isinstance(spec, list) else [spec]
+    if any(v is not None and v is not False and v < 0 for v in values):
+        raise CairnError(f"{where} must be >= 0, got {spec}")

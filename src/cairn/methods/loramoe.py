@@ -5,7 +5,7 @@ the experts' input) and a dense softmax router W_r (N × d_in, no bias):
 
     h = W0·x + Σ_i softmax(W_r·x)_i · (α/r) · B_i·A_i·x
 
-(:class:`cairn.combine.moe_lora.LoRAMoELinear`, batched over tokens and experts). Optional top-k
+(:class:`cairn.routed_lora.RoutedLoRALinear`, the layer the LoRA-MoE mixer also uses). Optional top-k
 routing (softmax, top-k, renormalised) is offered although the paper routes densely.
 
 Localized balancing constraint (paper eq. 9-11): for a batch of examples m and experts n,
@@ -27,13 +27,17 @@ Which half is "world" is a convention (the reference gives 1 + δ to the first h
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from cairn.combine.moe_lora import _INFO_ATTR, LoRAMoELinear, lora_moe_layers
+from cairn.config import setting
 from cairn.errors import CairnError
+from cairn.methods.registry import RoundContext, Section, freeze, register_section, register_trainable
+from cairn.routed_lora import MIXTURE_ATTR, RoutedLoRALinear, routed_layers
 
 DEFAULT_TARGETS = ("gate_proj", "up_proj", "down_proj")
 
@@ -58,7 +62,7 @@ def apply_loramoe(
         raise CairnError(f"LoRAMoE needs num_experts >= 1 and rank >= 1 (got {num_experts}, {rank})")
     if top_k is not None and not 1 <= top_k <= num_experts:
         raise CairnError(f"top_k={top_k} must be between 1 and num_experts={num_experts}")
-    if lora_moe_layers(model):
+    if routed_layers(model):
         raise CairnError("the model already has LoRA-MoE layers")
     names = [
         n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rpartition(".")[2] in set(target)
@@ -77,12 +81,12 @@ def apply_loramoe(
         B = torch.zeros(num_experts, base.out_features, rank)
         router = (torch.rand(num_experts, base.in_features, generator=gen) * 2 - 1) * bound
         scaling = torch.full((num_experts,), alpha / rank)
-        layer = LoRAMoELinear(base, A, B, scaling, router, top_k=top_k, normalisation="softmax", dropout=dropout)
+        layer = RoutedLoRALinear(base, A, B, scaling, router, top_k=top_k, normalisation="softmax", dropout=dropout)
         layer.lora_A.requires_grad_(True)
         layer.lora_B.requires_grad_(True)
         layer.router.weight.requires_grad_(True)
         setattr(parent, child, layer)
-    setattr(model, _INFO_ATTR, _manifest(model, names, num_experts, rank, alpha, dropout, list(target), top_k))
+    setattr(model, MIXTURE_ATTR, _manifest(model, names, num_experts, rank, alpha, dropout, list(target), top_k))
     return model
 
 
@@ -158,7 +162,7 @@ class LoRAMoELoss:
                 "LoRAMoE balancing needs batch['is_world_knowledge'] (one bool per example); mark world-knowledge "
                 "tasks with world_knowledge: true (or a type field) in the task config"
             )
-        layers: list[LoRAMoELinear] = [l for l in lora_moe_layers(model).values() if l.last_routing_weights is not None]
+        layers = [layer for layer in routed_layers(model).values() if layer.last_routing_weights is not None]
         if not layers:
             raise CairnError("LoRAMoELoss: no LoRAMoE routing weights recorded; call it after a forward pass")
         wk = torch.as_tensor(batch["is_world_knowledge"])
@@ -167,3 +171,65 @@ class LoRAMoELoss:
             localized_balance_loss(l.last_routing_weights, mask, wk, self.delta, self.n_world) for l in layers
         )
         return {self.name: self.beta * total}
+
+
+@dataclass
+class LoRAMoEConfig:
+    experts: int = setting("LoRA experts per MLP linear.", 8)
+    rank: int = setting("Rank of each expert.", 4)
+    alpha: float = setting("LoRA alpha of each expert.", 32.0)
+    dropout: float = setting("Dropout on the experts' input.", 0.05)
+    top_k: int | None = setting("Route each token to its top-k experts (null: dense softmax, the paper).", None)
+    beta: float = setting("Weight of the localized balancing constraint.", 0.1)
+    delta: float = setting("Importance up/down-weighting of the matching/other half of the experts.", 0.1)
+
+
+class LoRAMoE:
+    """LoRAMoE as a trainable: the experts are added once and keep learning every round.
+
+    The round's artifact is the whole mixture (``loramoe/``, the mixer's format: each expert a PEFT
+    adapter directory, plus routers and a manifest that records the dropout for resumed rounds).
+    """
+
+    name = "loramoe"
+    persistent_params = True
+    ingredient_kind = None  # a mixture is not an ingredient of merging or mixing
+
+    def __init__(self, method) -> None:
+        self.cfg: LoRAMoEConfig = method.sections["loramoe"]
+
+    def prepare(self, model, ctx: RoundContext):
+        if not routed_layers(model):
+            c = self.cfg
+            model = apply_loramoe(model, num_experts=c.experts, rank=c.rank, alpha=c.alpha, dropout=c.dropout,
+                                  top_k=c.top_k, seed=ctx.seed)
+        freeze(model)
+        for layer in routed_layers(model).values():  # experts and routers train, the backbone never
+            for p in (layer.lora_A, layer.lora_B, layer.router.weight):
+                p.requires_grad_(True)
+        return model
+
+    def loss_parts(self):
+        return [LoRAMoELoss(beta=self.cfg.beta, delta=self.cfg.delta)]
+
+    def save(self, model, ctx: RoundContext):
+        from cairn.combine.moe_lora import save_lora_moe
+
+        save_lora_moe(model, ctx.rdir / "loramoe", overwrite=True)
+        return model
+
+    def restore(self, ctx: RoundContext, upto: int):
+        from cairn.combine.moe_lora import load_lora_moe
+
+        return load_lora_moe(ctx.round_dir(upto) / "loramoe", ctx.load_base())
+
+    def ingredient(self, rdir: Path, k: int) -> Path:
+        raise CairnError("a LoRAMoE method's rounds are not ingredients of merging or mixing; use a "
+                         "one-round method with trainable: full or lora as the combine source")
+
+    def updates(self, ctx: RoundContext, rdirs: list[Path]):
+        return None  # no per-round weight update to compare: the same experts train every round
+
+
+register_trainable("loramoe", LoRAMoE)
+register_section(Section("loramoe", LoRAMoEConfig, default_on=True))

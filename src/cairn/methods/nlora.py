@@ -33,15 +33,17 @@ O-LoRA); either way only the current adapter's update is penalised.
 
 from __future__ import annotations
 
-
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from cairn.train.loop import task_loss_of
+from cairn.config import setting
 from cairn.errors import CairnError
-from cairn.methods.lambdas import check_lambda
-from cairn.methods.lora_layers import lora_factors
+from cairn.loss_parts import task_loss_of
+from cairn.methods.lambdas import check_lambda, check_lambdas, lambda_for_round
+from cairn.methods.registry import PartBase, RoundContext, Section, register_section
+from cairn.lora_factors import lora_factors
 
 
 def nlora_l1_penalty(B: torch.Tensor, A: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -92,3 +94,33 @@ class NLoRALoss:
         if "task" in self._last and float(self._last["task"]) > 0:
             out["nlora_penalty_to_task_ratio"] = self.lambda_ * out["nlora_l1_raw"] / float(self._last["task"])
         return out
+
+
+@dataclass
+class NLoRAConfig:
+    lam: list[float] | float = setting(
+        "L1 sparsity weight on ΔW=B·A summed over every entry of every adapted module (the paper's "
+        "definition); a list gives one value per round. The reference scripts' 0.4-1.8 weight an r×r "
+        "product and are far too strong here: ~1e-4 suits a 135M model with all-linear LoRA.", 1e-4)
+
+
+class NLoRA(PartBase):
+    """The N-LoRA part of a method (``nlora: {...}`` on a ``trainable: lora`` method)."""
+
+    key = "nlora"
+
+    def loss_parts(self, model, ctx: RoundContext) -> list:
+        from cairn.methods.lora import adapter_name
+
+        lam = lambda_for_round(self.settings.lam, ctx.k - 1, "N-LoRA lambda")
+        return [NLoRALoss(lam, adapter_name=adapter_name(ctx.k))]
+
+
+def _check(method, cfg: NLoRAConfig, source: str) -> None:
+    if method.trainable != "lora":
+        raise CairnError(f"{source}: method {method.name!r}: N-LoRA constrains LoRA adapters, not "
+                         f"trainable: {method.trainable}; set `trainable: lora` or drop `nlora`")
+    check_lambdas(cfg.lam, f"{source}: method {method.name!r}: nlora.lam")
+
+
+register_section(Section("nlora", NLoRAConfig, check=_check, part=NLoRA))

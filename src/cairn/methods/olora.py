@@ -18,7 +18,7 @@ Loss of round t (what :class:`OLoRALoss` adds to the task loss)::
 * Earlier A's are detached copies: the penalty's gradient flows only into the new adapter even if
   an earlier adapter was left trainable by mistake.
 
-Two sequential modes share this code (the lead's loop picks one):
+Two sequential modes share this code (``lora.sequential`` picks one):
 
 * **merge** (the seed paper's): after each round the adapter is merged into the weights; only its
   A's are kept, in a safetensors "A store" (:func:`save_A_store` / :func:`load_A_store`).
@@ -39,17 +39,20 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
+from dataclasses import dataclass
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from cairn.train.loop import task_loss_of
+from cairn import atomic
+from cairn.config import setting
 from cairn.errors import CairnError
-from cairn.methods.lambdas import check_lambda
-from cairn.methods.lora_layers import lora_factors
+from cairn.loss_parts import task_loss_of
+from cairn.methods.lambdas import check_lambda, check_lambdas, lambda_for_round
+from cairn.methods.registry import PartBase, RoundContext, Section, register_section
+from cairn.lora_factors import lora_factors
 
 log = logging.getLogger(__name__)
 
@@ -114,16 +117,8 @@ def save_A_store(path: str | os.PathLike, store: Mapping[int, Mapping[str, torch
                 raise CairnError(f"A store round {rnd} module {module!r}: expected a 2-D tensor (r, d_in), "
                                  f"got {type(a).__name__} {getattr(a, 'shape', '')}")
             flat[f"round_{rnd}/{module}"] = a.detach().to("cpu").contiguous()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(flat, tmp, metadata={"format": _STORE_FORMAT, "version": "1"})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic.atomic_file(path) as tmp:
+        save_file(flat, str(tmp), metadata={"format": _STORE_FORMAT, "version": "1"})
 
 
 def load_A_store(path: str | os.PathLike) -> dict[int, dict[str, torch.Tensor]]:
@@ -246,3 +241,44 @@ class OLoRALoss:
                             "task will barely be learned — consider a smaller lambda1 (the seed paper "
                             "recommends <= 0.5)", weighted, ratio, task)
         return out
+
+
+@dataclass
+class OLoRAConfig:
+    lambda1: list[float] | float = setting("Orthogonality weight; a list gives one value per round.", 0.5)
+    lambda2: float = setting("Weight of the unsquared L2 norm of the new adapter.", 0.0)
+
+
+class OLoRA(PartBase):
+    """The O-LoRA part of a method (``olora: {...}`` on a ``trainable: lora`` method)."""
+
+    key = "olora"
+    STORE = "olora_A.safetensors"
+
+    def loss_parts(self, model, ctx: RoundContext) -> list:
+        from cairn.methods.lora import adapter_name
+
+        if ctx.method.sections["lora"].sequential == "stack":
+            prev = {i: collect_lora_A(model, adapter_name(i)) for i in range(1, ctx.k)}
+        else:  # merged rounds leave only their A's, saved next to each round's adapter
+            prev = {}
+            for i in range(1, ctx.k):
+                prev.update(load_A_store(ctx.round_dir(i) / self.STORE))
+        lam1 = lambda_for_round(self.settings.lambda1, ctx.k - 1, "O-LoRA lambda1")
+        return [OLoRALoss(prev, lam1, self.settings.lambda2, adapter_name=adapter_name(ctx.k))]
+
+    def after_round(self, model, ctx: RoundContext) -> None:
+        from cairn.methods.lora import adapter_name
+
+        save_A_store(ctx.rdir / self.STORE, {ctx.k: collect_lora_A(model, adapter_name(ctx.k))})
+
+
+def _check(method, cfg: OLoRAConfig, source: str) -> None:
+    if method.trainable != "lora":
+        raise CairnError(f"{source}: method {method.name!r}: O-LoRA constrains LoRA adapters, not "
+                         f"trainable: {method.trainable}; set `trainable: lora` or drop `olora`")
+    check_lambdas(cfg.lambda1, f"{source}: method {method.name!r}: olora.lambda1")
+    check_lambdas(cfg.lambda2, f"{source}: method {method.name!r}: olora.lambda2")
+
+
+register_section(Section("olora", OLoRAConfig, check=_check, part=OLoRA))
