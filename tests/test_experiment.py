@@ -35,7 +35,7 @@ def test_sequential_lora_and_fft_write_results(tmp_path, tiny_model_dir):
         assert (tmp_path / "exp" / method / "table.md").read_text().count("\n") >= 4
         assert (tmp_path / "exp" / method / "results.csv").read_text().startswith("after,zoology,geography")
     # LoRA rounds keep a vanilla PEFT adapter; FFT rounds a transformers checkpoint
-    assert (tmp_path / "exp/lora/rounds/01-zoology/adapter/round1/adapter_config.json").is_file()
+    assert (tmp_path / "exp/lora/rounds/01-zoology/adapter/adapter_config.json").is_file()
     assert (tmp_path / "exp/fft/rounds/02-geography/model/config.json").is_file()
     status = json.loads((tmp_path / "exp" / "experiment.json").read_text())["status"]
     assert status == {"lora": "ok", "fft": "ok"}

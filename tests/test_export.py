@@ -43,8 +43,8 @@ def test_merge_rebuilds_the_chain(run_dir, tiny_model_dir, tmp_path):
     # the chain by hand with vanilla PEFT: base, round 1 merged, round 2 merged
     rounds = run_dir / "lora" / "rounds"
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    model = PeftModel.from_pretrained(model, str(rounds / "01-zoology/adapter/round1")).merge_and_unload()
-    model = PeftModel.from_pretrained(model, str(rounds / "02-geography/adapter/round2")).merge_and_unload().eval()
+    model = PeftModel.from_pretrained(model, str(rounds / "01-zoology/adapter")).merge_and_unload()
+    model = PeftModel.from_pretrained(model, str(rounds / "02-geography/adapter")).merge_and_unload().eval()
     ids = torch.tensor([[5, 17, 30, 44, 12, 9]])
     # same operations in the same order; float32 merge rounding at most
     torch.testing.assert_close(_logits(exported, ids), _logits(model, ids), rtol=1e-5, atol=1e-5)
@@ -97,7 +97,7 @@ def test_one_round_merge_is_base_plus_that_round_only(tmp_path, tiny_model_dir):
     run = tmp_path / "one"
     assert run_experiment(cfg, run, progress=False)["status"] == {"solo": "ok"}
     assert main(["export", str(run), "--method", "solo", "--round", "2", "--merge", "--out", str(tmp_path / "e")]) == 0
-    adapter = run / "solo" / "rounds" / "02-only-geography" / "adapter" / "round2"
+    adapter = run / "solo" / "rounds" / "02-only-geography" / "adapter"
     ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(adapter))
     ref = ref.merge_and_unload().eval()
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "e").eval()

@@ -42,7 +42,7 @@ def test_two_round_lora_curriculum_on_builtin_model(tmp_path, builtin_model):
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(builtin_model)
-    PeftModel.from_pretrained(base, tmp_path / "exp/lora/rounds/01-zoology/adapter/round1")
+    PeftModel.from_pretrained(base, tmp_path / "exp/lora/rounds/01-zoology/adapter")
 
 
 def test_builtin_model_loads_from_cache(builtin_model):

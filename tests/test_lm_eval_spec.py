@@ -41,7 +41,7 @@ def test_resolve_model_spec(run_and_data, tiny_model_dir):
     model, tokenizer, args = resolve_model(str(run / "lora"), device="cpu")
     assert isinstance(model, torch.nn.Module) and tokenizer is not None and args == ""
     assert next(model.parameters()).device.type == "cpu"
-    adapter = run / "lora" / "rounds" / "01-zoology" / "adapter" / "round1"
+    adapter = run / "lora" / "rounds" / "01-zoology" / "adapter"
     path, tok, args = resolve_model(str(adapter))
     assert path == str(tiny_model_dir) and tok is None and args == f"peft={adapter}"
     assert default_device() == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -259,6 +259,10 @@ class ExperimentConfig:
     output_dir: str = _help("Where the experiment directory is written.", "runs")
     data_dir: str | None = _help("Folder that relative task paths are resolved against.", None)
     seed: int = _help("Seed for data order, sampling and initialisation.", 0)
+    # [wire helper, issue 11] several seeds: each method and combine step once per seed
+    seeds: list[int] | None = _help("Run every method and combine step once per seed, into <method>/seed-<s>/ "
+                                    "(training seed and data order; tasks' subsamples and test sets stay fixed, "
+                                    "seeded by `seed`); null: one run with `seed`, into <method>/.", None)
     dtype: Literal["float32", "bfloat16"] = _help("Dtype the model weights are loaded in.", "float32")
     training: TrainingConfig = _help("Training settings shared by all methods.", factory=TrainingConfig)
     evaluation: EvaluationConfig = _help("Evaluation settings.", factory=EvaluationConfig)
@@ -436,6 +440,14 @@ def config_from_dict(data: dict, source: str = "<config>") -> ExperimentConfig:
 
 
 def validate(cfg: ExperimentConfig, source: str) -> None:
+    if cfg.seeds is not None:  # [wire helper, issue 11]
+        if not cfg.seeds:
+            raise CairnError(f"{source}: seeds is empty; list at least one seed (e.g. seeds: [0, 1, 2]) or remove "
+                             f"the key to run once with `seed`")
+        repeated = sorted({s for s in cfg.seeds if cfg.seeds.count(s) > 1})
+        if repeated:
+            raise CairnError(f"{source}: seeds lists {', '.join(map(str, repeated))} more than once ({cfg.seeds}); "
+                             f"each seed must be distinct")
     if not cfg.tasks:
         raise CairnError(f"{source}: tasks is empty; list at least one task")
     if not cfg.methods:

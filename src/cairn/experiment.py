@@ -10,7 +10,13 @@ the continual-learning figures, CSV, a Markdown table shaped like the seed paper
 Resume: a round whose ``round.json`` exists is done and is restored from its artifact instead of
 retrained; a round that was interrupted continues from its last training checkpoint. Rerunning the
 same command therefore picks up where it stopped. A method that fails is recorded as failed in
-``experiment.json`` and the other methods still run.
+``experiment.json`` and the other methods still run. Each method first checks its stored fingerprint
+(:mod:`cairn.fingerprint`): a rerun with different settings refuses unless ``overwrite``.
+
+Seeds: with ``seeds: [0, 1, 2]`` every method and combine step runs once per seed into
+``<method>/seed-<s>/`` (training seed, initialisation and data order from the seed; the tasks'
+subsamples and test sets stay fixed, so ``base/`` is evaluated once and shared). Each method (and
+seed) is one tracker run (:mod:`cairn.tracking`).
 
 Directory layout: see the README section "Run directory".
 """
@@ -30,7 +36,7 @@ from cairn.config import ExperimentConfig, MethodConfig, to_yaml
 from cairn.data.tasks import Task, load_task
 from cairn.errors import CairnError
 from cairn.eval.continual import summarize
-from cairn.eval.task_eval import evaluate_tasks
+from cairn.eval.task_eval import evaluate_tasks_metrics
 from cairn.methods.registry import Method, RoundContext, compose, freeze
 from cairn.rundir import MethodDir, RoundRecord, read_round, write_round
 from cairn.train.loop import train
@@ -56,21 +62,35 @@ class Runner:
     """Runs every method of an experiment config into ``out_dir``."""
 
     def __init__(self, cfg: ExperimentConfig, out_dir: Path, progress: bool = True, echo: bool = True,
-                 seed: int | None = None):
+                 seed: int | None = None, overwrite: bool = False):
         from cairn.combine import steps
+        from cairn.data.checks import check_task_inputs
 
         self.cfg = cfg
         self.run_dir = rundir.RunDir(Path(out_dir))
         self.out = self.run_dir.root
-        self.seed = seed  # None: the single-seed layout <method>/; else <method>/seed-<s>/
+        # The seeds to run: one given seed, the config's ``seeds`` (each into <method>/seed-<s>/), or
+        # [None] (the single-seed layout <method>/ with ``cfg.seed``).
+        self.seeds: list[int | None] = [seed] if seed is not None else list(cfg.seeds or []) or [None]
+        self.seed = self.seeds[0]  # the seed being run (method_dir, context and training read it)
         self.progress = progress
         self.echo = echo
+        self.overwrite = overwrite
         self.methods = {m.name: compose(m) for m in cfg.methods}
         for comb in cfg.combine:  # a wrong merge method or source fails before any training
             steps.check(comb, self.methods[comb.source].trainable.ingredient_kind)
+        # Tasks load with the experiment's seed whatever seeds run: subsamples and test sets are fixed.
         self.tasks: list[Task] = [load_task(t, cfg.data_dir, cfg.seed) for t in cfg.tasks]
         self._tokenizer = None
         self.tokenizer  # a bad model spec fails here, before anything is written
+        # Checks that need the tokenizer (chat templates, over-long examples), before any model loads.
+        self.data_warnings = [w for t in self.tasks for w in t.warnings] + check_task_inputs(
+            self.tasks, self.tokenizer, [cfg.training_for(m).max_length for m in cfg.methods], model=cfg.model)
+
+    @property
+    def scfg(self) -> ExperimentConfig:
+        """The config as the current seed sees it (``seed`` replaced): rounds and training read this."""
+        return self.cfg if self.seed is None else dataclasses.replace(self.cfg, seed=self.seed)
 
     # -- shared pieces -----------------------------------------------------------------------
     @property
@@ -89,10 +109,14 @@ class Runner:
     def method_dir(self, name: str) -> MethodDir:
         return self.run_dir.method(name, self.seed)
 
-    def evaluate(self, model) -> tuple[list[float], dict, float]:
+    def evaluate(self, model) -> tuple[list[float], dict, float, dict]:
+        """(primary score per task, predictions, seconds, {task: {metric: score}}) — primary = first metric."""
         t0 = time.perf_counter()
-        scores, preds = evaluate_tasks(model, self.tokenizer, self.tasks, self.cfg.evaluation.batch_size, self.progress)
-        return scores, preds, time.perf_counter() - t0
+        per_task, preds = evaluate_tasks_metrics(model, self.tokenizer, self.tasks, self.cfg.evaluation.batch_size,
+                                                 self.progress)
+        scores = [s[t.metrics[0]] for s, t in zip(per_task, self.tasks)]
+        metrics = {t.name: s for t, s in zip(self.tasks, per_task)}
+        return scores, preds, time.perf_counter() - t0, metrics
 
     def old_knowledge(self, model, last: bool) -> dict | None:
         """The old-knowledge suite's scores, when configured for this row (the base counts as 'last')."""
@@ -109,9 +133,9 @@ class Runner:
         return {task: {k: v for k, v in res.items() if k in keep} for task, res in scores.items()}
 
     def scored(self, model, label: str, last: bool, train_record: dict) -> tuple[RoundRecord, dict]:
-        scores, preds, secs = self.evaluate(model)
+        scores, preds, secs, metrics = self.evaluate(model)
         return RoundRecord(label=label, scores=scores, eval_seconds=secs, train=train_record,
-                           old_knowledge=self.old_knowledge(model, last)), preds
+                           old_knowledge=self.old_knowledge(model, last), metrics=metrics), preds
 
     def base_record(self, log: RunLog) -> RoundRecord:
         """The base model's scores, computed once per experiment and shared by every method and seed."""
@@ -124,78 +148,129 @@ class Runner:
 
     # -- experiment --------------------------------------------------------------------------
     def run(self) -> dict:
+        """Every method and combine step, once per seed. Returns {"status", "results"}; with several seeds
+        each step's entry is ``{seed: ...}`` (seed as a string key, as in experiment.json)."""
         self.out.mkdir(parents=True, exist_ok=True)
         atomic.write_text(self.run_dir.config, to_yaml(self.cfg))
         log = RunLog(self.run_dir.log, self.echo)
-        status: dict[str, str] = {}
+        for warning in self.data_warnings:
+            log(f"data warning: {warning}")
+        seeded = self.seeds != [None]
+        status: dict[str, str | dict] = {}
         results: dict[str, dict] = {}
         base = self.base_record(log)
         steps = [(m.name, m, self.run_method) for m in self.cfg.methods]
         steps += [(c.name, c, self.run_combiner) for c in self.cfg.combine]
-        for name, step, run_step in steps:
-            slog = RunLog(self.method_dir(name).log, self.echo)
-            source = getattr(step, "source", None)
-            if source is not None and status.get(source) != "ok":
-                status[name] = f"failed: its source method {source!r} did not finish"
-                continue
-            try:
-                results[name] = run_step(step, base, slog)
-                status[name] = "ok"
-            except CairnError as exc:
-                status[name] = f"failed: {exc}"
-                slog(f"{name} failed: {exc}")
-            except Exception as exc:  # keep the other steps' results; the traceback goes to the log
-                status[name] = f"failed: {type(exc).__name__}: {exc}"
-                slog(f"{name} crashed:\n{traceback.format_exc()}")
-        self.run_dir.write_status(rundir.ExperimentStatus(self.cfg.name, [name for name, _, _ in steps], status))
+        for seed in self.seeds:
+            self.seed = seed
+            done: dict[str, str] = {}
+            for name, step, run_step in steps:
+                slog = RunLog(self.method_dir(name).log, self.echo)
+                source = getattr(step, "source", None)
+                if source is not None and done.get(source) != "ok":
+                    done[name] = f"failed: its source method {source!r} did not finish"
+                else:
+                    try:
+                        out = run_step(step, base, slog)
+                        done[name] = "ok"
+                        if seeded:
+                            results.setdefault(name, {})[str(seed)] = out
+                        else:
+                            results[name] = out
+                    except CairnError as exc:
+                        done[name] = f"failed: {exc}"
+                        slog(f"{name} failed: {exc}")
+                    except Exception as exc:  # keep the other steps' results; the traceback goes to the log
+                        done[name] = f"failed: {type(exc).__name__}: {exc}"
+                        slog(f"{name} crashed:\n{traceback.format_exc()}")
+                if seeded:
+                    status.setdefault(name, {})[str(seed)] = done[name]
+                else:
+                    status[name] = done[name]
+        self.seed = self.seeds[0]
+        self.run_dir.write_status(rundir.ExperimentStatus(
+            self.cfg.name, [name for name, _, _ in steps], status,
+            seeds=[s for s in self.seeds if s is not None] or None))
         return {"status": status, "results": results}
+
+    # -- plan (the dry run reads these; no weights load) -------------------------------------
+    def plan(self, method_cfg: MethodConfig) -> list[tuple[str, list[int]]]:
+        return self.methods[method_cfg.name].plan(self.tasks)
+
+    def round_examples(self, method_cfg: MethodConfig, k: int, task_ids: list[int] | None = None):
+        """(examples, record) of round ``k`` of a method, as training would see them (current seed)."""
+        return self.methods[method_cfg.name].round_examples(self.context(method_cfg, k, lambda line: None))
+
+    def restore_round(self, method_cfg: MethodConfig, k: int):
+        """The model after round ``k`` of a method (the current seed's directory), rebuilt from its artifacts."""
+        method = self.methods[method_cfg.name]
+        return method.restore(self.context(method_cfg, k, lambda line: None), k)
 
     def context(self, method_cfg: MethodConfig, k: int, log) -> RoundContext:
         method = self.methods[method_cfg.name]
         plan = method.plan(self.tasks)
         mdir = self.method_dir(method_cfg.name)
         label, task_ids = plan[k - 1] if k else ("base", [])
-        return RoundContext(cfg=self.cfg, method=method_cfg, k=k, label=label, task_ids=task_ids,
+        return RoundContext(cfg=self.scfg, method=method_cfg, k=k, label=label, task_ids=task_ids,
                             rdir=mdir.round(k, label), mdir=mdir, tasks=self.tasks, tokenizer=self.tokenizer,
                             load_base=self.load_base, log=log, plan=plan)
 
     def run_method(self, method_cfg: MethodConfig, base: RoundRecord, log: RunLog) -> dict:
+        from cairn.fingerprint import check_fingerprint, method_fingerprint
+        from cairn.tracking import open_tracking
+
         mdir = self.method_dir(method_cfg.name)
+        # First: a rerun with other settings must not reuse finished rounds (refuses unless overwrite).
+        check_fingerprint(mdir.path, method_fingerprint(self.cfg, method_cfg, self.seed), self.overwrite)
         if mdir.results.is_file():
             log(f"{method_cfg.name}: already complete, reading {mdir.results}")
             return rundir.read_results(mdir.results)
-        atomic.write_text(mdir.config, to_yaml(dataclasses.replace(self.cfg, methods=[method_cfg])))
-        method = self.methods[method_cfg.name]
-        plan = method.plan(self.tasks)
-        rounds, model, at = [base], None, None  # `at`: the round the model in memory finished
-        for k in range(1, len(plan) + 1):
-            ctx = self.context(method_cfg, k, log)
-            done = read_round(ctx.rdir)
-            if done is not None:
-                rounds.append(done)
-                continue
-            if method.strategy.from_base or at != k - 1:
-                if k > 1 and not method.strategy.from_base:
-                    log(f"{method_cfg.name}: restoring the model after round {k - 1} from its artifacts")
-                model = method.restore(ctx, 0 if method.strategy.from_base else k - 1)
-            log(f"{method_cfg.name}: round {k}/{len(plan)} ({ctx.label})")
-            model, record, preds = self.train_round(method, model, ctx, last=k == len(plan))
-            write_round(ctx.rdir, record, preds)
-            rounds.append(record)
-            at = k
-            log(f"{method_cfg.name}: after {ctx.label}: " + ", ".join(
-                f"{t.name}={s:.3f}" for t, s in zip(self.tasks, record.scores)))
-        diagnostics = self.diagnostics(method, method_cfg, mdir, rounds)
-        return self.finish(method_cfg.name, mdir, rounds, method_cfg.strategy, diagnostics)
+        # The experiment's seed stays (it fixes the tasks' subsamples); a seed-<s>/ folder names its seed.
+        atomic.write_text(mdir.config, to_yaml(dataclasses.replace(self.cfg, methods=[method_cfg], combine=[],
+                                                                   seeds=None)))
+        tr = open_tracking(self.cfg, self.out, method_cfg.name, self.seed)
+        try:
+            method = self.methods[method_cfg.name]
+            plan = method.plan(self.tasks)
+            rounds, model, at = [base], None, None  # `at`: the round the model in memory finished
+            for k in range(1, len(plan) + 1):
+                ctx = self.context(method_cfg, k, log)
+                done = read_round(ctx.rdir)
+                if done is not None:
+                    rounds.append(done)
+                    continue
+                if method.strategy.from_base or at != k - 1:
+                    if k > 1 and not method.strategy.from_base:
+                        log(f"{method_cfg.name}: restoring the model after round {k - 1} from its artifacts")
+                    model = method.restore(ctx, 0 if method.strategy.from_base else k - 1)
+                log(f"{method_cfg.name}: round {k}/{len(plan)} ({ctx.label})")
+                offset = sum(r.train.get("steps", 0) for r in rounds[1:])  # one step axis across rounds
+                model, record, preds = self.train_round(method, model, ctx, last=k == len(plan),
+                                                        log_fn=tr.round_log_fn(k, ctx.label, ctx.rdir, offset))
+                write_round(ctx.rdir, record, preds)
+                rounds.append(record)
+                at = k
+                tr.log_round(k, ctx.label, dict(zip((t.name for t in self.tasks), record.scores)),
+                             offset + record.train.get("steps", 0), _ok_primary(record.old_knowledge))
+                log(f"{method_cfg.name}: after {ctx.label}: " + ", ".join(
+                    f"{t.name}={s:.3f}" for t, s in zip(self.tasks, record.scores)))
+            diagnostics = self.diagnostics(method, method_cfg, mdir, rounds)
+            results = self.finish(method_cfg.name, mdir, rounds, method_cfg.strategy, diagnostics,
+                                  extra={"trainable": method_cfg.trainable, "replay": method_cfg.replay})
+            tr.log_results(results)
+            return results
+        finally:
+            tr.finish()
 
-    def train_round(self, method: Method, model, ctx: RoundContext, last: bool):
+    def train_round(self, method: Method, model, ctx: RoundContext, last: bool, log_fn=None):
         model = method.prepare(model, ctx)
         examples, data_record = method.round_examples(ctx)
         if data_record:
             atomic.write_json(ctx.rdir / "round_data.json", data_record)
-        result = train(model, self.tokenizer, examples, self.cfg.training_for(ctx.method), seed=self.cfg.seed + ctx.k,
+        kwargs = {"log_fn": log_fn} if log_fn is not None and _train_takes("log_fn") else {}
+        result = train(model, self.tokenizer, examples, self.cfg.training_for(ctx.method), seed=ctx.seed + ctx.k,
                        checkpoint_dir=ctx.mdir.checkpoints(ctx.rdir.name), loss_parts=method.loss_parts(model, ctx),
-                       log=ctx.log, progress=self.progress)
+                       log=ctx.log, progress=self.progress, **kwargs)
         ctx.log(f"trained {result.steps} steps on {len(examples)} examples in {result.seconds:.1f}s "
                 f"({result.tokens_per_second:.0f} tokens/s)")
         model = method.finish_round(model, ctx)
@@ -209,7 +284,12 @@ class Runner:
         from cairn.combine import steps
         from cairn.models import resolve_model_path
 
+        from cairn.fingerprint import check_fingerprint, method_fingerprint
+
         cdir = self.method_dir(comb.name)
+        source_cfg = next(m for m in self.cfg.methods if m.name == comb.source)
+        check_fingerprint(cdir.path, {"combine": dataclasses.asdict(comb),
+                                      "source": method_fingerprint(self.cfg, source_cfg, self.seed)}, self.overwrite)
         if cdir.results.is_file():
             return rundir.read_results(cdir.results)
         source = self.methods[comb.source]
@@ -226,7 +306,7 @@ class Runner:
         if record is None:
             log(f"{comb.name}: {comb.kind} of {len(paths)} {kind} ingredients from {comb.source}")
             inputs = steps.CombineInputs(
-                base_path=str(resolve_model_path(self.cfg.model)), dtype=self.cfg.dtype, seed=self.cfg.seed,
+                base_path=str(resolve_model_path(self.cfg.model)), dtype=self.cfg.dtype, seed=self.scfg.seed,
                 tokenizer=self.tokenizer, load_base=self.load_base, train=train,
                 training_for=lambda over: self.cfg.training_with(over, f"combine[{comb.name}].router_training"),
                 checkpoints=cdir.checkpoints("routers"), progress=self.progress, log=log)
@@ -237,7 +317,9 @@ class Runner:
             write_round(rdir, record, preds)
             log(f"{comb.name}: " + ", ".join(f"{t.name}={s:.3f}" for t, s in zip(self.tasks, record.scores)))
         label = f"{comb.kind}:{comb.method if comb.kind == 'merge' else 'moe'}"
-        return self.finish(comb.name, cdir, [base, record], label=label)
+        return self.finish(comb.name, cdir, [base, record], label=label,
+                           extra={"kind": comb.kind, "source": comb.source, "trainable": source_cfg.trainable,
+                                  "replay": source_cfg.replay})
 
     # -- results -----------------------------------------------------------------------------
     def diagnostics(self, method: Method, method_cfg: MethodConfig, mdir: MethodDir, rounds: list[RoundRecord]):
@@ -264,7 +346,7 @@ class Runner:
         return diag
 
     def finish(self, name: str, mdir: MethodDir, rounds: list[RoundRecord], strategy: str = "combine",
-               diagnostics: dict | None = None, label: str | None = None) -> dict:
+               diagnostics: dict | None = None, label: str | None = None, extra: dict | None = None) -> dict:
         """Write results.json (last: it marks the step complete), results.csv and table.md."""
         matrix = [r.scores for r in rounds]
         names = [t.name for t in self.tasks]
@@ -275,14 +357,17 @@ class Runner:
             "method": label or name,
             "strategy": strategy,
             "seed": self.cfg.seed if self.seed is None else self.seed,
+            **(extra or {}),
             "model": self.cfg.model,
-            "tasks": [{"name": t.name, "metric": t.metric} for t in self.tasks],
+            "tasks": [{"name": t.name, "metric": t.metric, "metrics": t.metrics} for t in self.tasks],
             "rows": [r.label for r in rounds],
             "matrix": matrix,
             "figures": summarize(matrix, names, [r.label for r in rounds]),
             "timing": {"train_seconds": train_s, "eval_seconds": sum(r.eval_seconds for r in rounds[1:]),
                        "train_tokens": tokens, "train_tokens_per_second": tokens / train_s if train_s else None},
         }
+        if any(r.metrics for r in rounds):  # every metric of every task, per row (null: an older round.json)
+            results["metrics"] = [[(r.metrics or {}).get(t.name) for t in self.tasks] for r in rounds]
         ok = old_knowledge_block(rounds)
         if ok is not None:
             results["old_knowledge"] = ok
@@ -297,6 +382,16 @@ class Runner:
         atomic.write_text(mdir.table, results_table(results))
         rundir.write_results(mdir.results, results)  # last: marks the method complete
         return rundir.read_results(mdir.results)
+
+
+def _train_takes(name: str) -> bool:
+    import inspect
+
+    return name in inspect.signature(train).parameters
+
+
+def _ok_primary(old_knowledge: dict | None) -> dict[str, float] | None:
+    return {t: v["primary"] for t, v in old_knowledge.items()} if old_knowledge else None
 
 
 def old_knowledge_block(rounds: list[RoundRecord]) -> dict | None:
@@ -320,35 +415,40 @@ def results_table(results: dict) -> str:
 
 
 def run_experiment(cfg: ExperimentConfig, out_dir: Path | None = None, progress: bool = True,
-                   echo: bool = True, seed: int | None = None) -> dict:
+                   echo: bool = True, seed: int | None = None, overwrite: bool = False) -> dict:
     """Run every method and return {"status", "results", "out"} without printing tables.
 
-    ``seed`` given: the methods write to ``<method>/seed-<seed>/`` (the several-seeds layout).
+    ``seed`` given: only that seed, into ``<method>/seed-<seed>/`` (the several-seeds layout); else the
+    config's ``seeds`` (each one so), else one run with ``cfg.seed`` into ``<method>/``. ``overwrite``:
+    a method whose stored settings differ from ``cfg``'s starts again instead of refusing.
     """
     out = Path(out_dir) if out_dir else Path(cfg.output_dir) / cfg.name
-    return Runner(cfg, out, progress=progress, echo=echo, seed=seed).run() | {"out": out}
+    return Runner(cfg, out, progress=progress, echo=echo, seed=seed, overwrite=overwrite).run() | {"out": out}
 
 
-def execute(cfg: ExperimentConfig, out_dir: Path | None = None, progress: bool = True) -> int:
-    """`cairn run`: run, build the report, print every method's table; exit status 1 if any failed."""
+def execute(cfg: ExperimentConfig, out_dir: Path | None = None, progress: bool = True, overwrite: bool = False,
+            echo: bool = True) -> int:
+    """`cairn run`: run, print the summary (round tables, comparison, findings) and the report's path.
+
+    Exit status 1 if any method or combine step failed (for any seed), else 0.
+    """
+    from cairn.commands.demo import print_summary
+
     out = Path(out_dir) if out_dir else Path(cfg.output_dir) / cfg.name
     t0 = time.perf_counter()
-    outcome = run_experiment(cfg, out, progress=progress)
+    outcome = run_experiment(cfg, out, progress=progress, echo=echo, overwrite=overwrite)
     elapsed = time.perf_counter() - t0
-    from cairn.report import build_report
-
-    ok = [name for name, s in outcome["status"].items() if s == "ok"]
-    report = build_report([out]) if ok else None
-    for name, results in outcome["results"].items():
-        print(f"\n## {name}\n")
-        print(results_table(results))
-    for name, s in outcome["status"].items():
-        if s != "ok":
-            print(f"\nmethod {name}: {s} (see {out / name / 'log.txt'})")
+    flat = {}  # print_summary takes one status string per step: a seeded step's first failure, else "ok"
+    for name, st in outcome["status"].items():
+        if isinstance(st, dict):
+            bad = [f"seed {s}: {v}" for s, v in st.items() if v != "ok"]
+            flat[name] = "ok" if not bad else ("failed: " if len(bad) == len(st) else "partly failed: ") + "; ".join(bad)
+        else:
+            flat[name] = st
+    print_summary(out, flat)
     print(f"\nexperiment directory: {out}  ({elapsed / 60:.1f} min)")
-    if report is not None:
-        print(f"report: {report}")
-    return 0 if len(ok) == len(outcome["status"]) else 1
+    failed = [name for name, st in outcome["status"].items() if not rundir.status_ok(st)]
+    return 1 if failed else 0
 
 
 def load_method_model(method_dir: Path):

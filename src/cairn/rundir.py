@@ -11,6 +11,12 @@ Layout (the README section "Run directory")::
 A round is done when its ``round.json`` exists (written last); a method is done when its
 ``results.json`` exists (written last). ``results.json`` carries ``schema_version``; version 1 (no
 version key) is read as version 2 with ``strategy`` and ``seed`` unknown (None).
+
+A round's LoRA adapter is ``rounds/NN-<label>/adapter/`` itself (a vanilla PEFT adapter folder; runs
+made before kept it one level down, ``adapter/round<k>/``, which is still read), and every saved round
+artifact carries ``cairn_parent.json``: what it applies to (the raw base, or the base with rounds
+1..k-1 merged in / stacked as frozen adapters), the base recorded by its Hub id where it has one.
+``cairn export`` writes the same record (:func:`parent_record`, one definition).
 """
 
 from __future__ import annotations
@@ -26,6 +32,13 @@ from cairn.errors import CairnError
 #: Version of results.json. 2: adds schema_version, strategy and seed.
 SCHEMA_VERSION = 2
 
+#: The side file saying what a round artifact applies to (not a key of adapter_config.json: PEFT warns
+#: on keys it does not know).
+PARENT_FILE = "cairn_parent.json"
+
+#: Built-in model names -> the Hub id of the original weights (recorded as the base of artifacts).
+BUILTIN_HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
 #: Folders (or files) inside a round directory that hold a model someone can load, in preference order.
 ARTIFACTS = ("model", "merged", "moe", "adapter", "lora-moe", "loramoe")
 
@@ -39,15 +52,21 @@ class RoundRecord:
     train: dict = field(default_factory=dict)
     eval_seconds: float = 0.0
     old_knowledge: dict | None = None  # task -> {"primary", "primary_stderr", "primary_metric", "n"}
+    # task -> {metric: score}, every metric of each task (the primary first); absent in older round.json
+    metrics: dict | None = None
 
 
 @dataclass
 class ExperimentStatus:
-    """experiment.json: the steps of an experiment and how each ended ("ok" or "failed: why")."""
+    """experiment.json: the steps of an experiment and how each ended ("ok" or "failed: why").
+
+    With several seeds a step's status is ``{seed: "ok" | "failed: why"}`` (seed as a string key).
+    """
 
     name: str
     methods: list[str]
-    status: dict[str, str]
+    status: dict[str, str | dict[str, str]]
+    seeds: list[int] | None = None
 
 
 def read_round(path: Path) -> RoundRecord | None:
@@ -193,4 +212,77 @@ class RunDir:
         if not self.experiment.is_file():
             return None
         data = json.loads(self.experiment.read_text())
-        return ExperimentStatus(name=data["name"], methods=data["methods"], status=data["status"])
+        return ExperimentStatus(name=data["name"], methods=data["methods"], status=data["status"],
+                                seeds=data.get("seeds"))
+
+
+def status_ok(status: str | dict) -> bool:
+    """Whether a step's status (a string, or one per seed) is "ok" everywhere."""
+    return all(s == "ok" for s in status.values()) if isinstance(status, dict) else status == "ok"
+
+
+# -- what an artifact applies to ---------------------------------------------------------------
+
+def hub_id(model: str) -> str:
+    """The id to record as an artifact's base: a built-in's Hub id, a local folder's absolute path, else as given."""
+    if model in BUILTIN_HUB_IDS:
+        return BUILTIN_HUB_IDS[model]
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.is_dir() else model
+
+
+def parent_record(base_model: str, k: int, mode: str | None, one_round: bool, run: Path | str | None = None,
+                  method: str | None = None) -> dict:
+    """``cairn_parent.json`` of round ``k``'s artifact: what it applies to, and how to rebuild that.
+
+    ``mode``: a LoRA method's ``sequential`` (``merge``: rounds 1..k-1 merged into the weights; ``stack``:
+    active as frozen adapters), None for a full model (it is the whole model: it applies to nothing).
+    """
+    parents = [] if one_round or mode is None or k == 1 else list(range(1, k))
+    if mode is None:
+        applies = "nothing: a complete model"
+    elif not parents:
+        applies = "the raw base model"
+    else:
+        applies = (f"the base with rounds {parents[0]}..{parents[-1]} "
+                   + ("merged into its weights (sequential: merge)" if mode == "merge"
+                      else "active as frozen adapters (sequential: stack)"))
+    record = {"base_model": hub_id(base_model), "merged_rounds_first": parents if mode == "merge" else [],
+              "stacked_adapters_first": parents if mode == "stack" else [], "applies_to": applies,
+              "run": str(Path(run).resolve()) if run is not None else None, "method": method, "round": k}
+    if run is not None and method is not None:
+        record["rebuild"] = f"cairn export {record['run']} --method {method} --round {k} --merge --out DIR"
+    return record
+
+
+def write_parent(folder: Path, record: dict) -> None:
+    atomic.write_json(Path(folder) / PARENT_FILE, record)
+
+
+def read_parent(folder: Path) -> dict | None:
+    f = Path(folder) / PARENT_FILE
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CairnError(f"{f} is not valid JSON ({exc})") from None
+
+
+def require_standalone(folder: Path, what: str = "this command") -> None:
+    """Refuse an artifact trained on top of earlier rounds (its parent is not the base it names).
+
+    Such an adapter alone on the raw base is a model nobody trained; the message says how to get the
+    model the run evaluated.
+    """
+    folder = Path(folder)
+    record = read_parent(folder)
+    if record is None and folder.name.startswith("round") and read_parent(folder.parent) is not None:
+        record = read_parent(folder.parent)
+    if not record or not (record.get("merged_rounds_first") or record.get("stacked_adapters_first")):
+        return
+    rebuild = record.get("rebuild") or "cairn export RUN --method M --round K --merge --out DIR"
+    raise CairnError(
+        f"{folder} was trained on {record.get('applies_to')}, not on the raw base: {what} would apply it to "
+        f"a model it was not trained on. Evaluate the run's model with `cairn eval RUN_DIR/<method>` "
+        f"(rebuilds rounds 1..{record.get('round')}), or write it as one model with `{rebuild}`")

@@ -101,7 +101,10 @@ def _moe(comb, kind: str, paths: list[Path], rdir: Path, tasks: list, inp: Combi
 
     params = comb.typed_params()
     router_sets = router_examples(comb, tasks, inp.seed)
-    prompts = [[ex["prompt"] for ex in rows] for rows in router_sets]
+    from cairn.data.chat import prompt_text
+
+    # The prompts as the model sees them (a chat-formatted task's rendered with the chat template)
+    prompts = [[prompt_text(inp.tokenizer, ex) for ex in rows] for rows in router_sets]
     if kind == "model":
         from cairn.combine.moe_fft import build_fft_moe
 

@@ -137,7 +137,9 @@ def export_round(run_dir: Path, method: str, k: int, out: Path, merge: bool = Fa
     cfg = _load_cfg(mdir, run_dir)
     mcfg = next((m for m in cfg.methods if m.name == method), None)
     record = json.loads((rdir / "round.json").read_text(encoding="utf-8"))
-    adapter = rdir / "adapter" / f"round{k}"
+    from cairn.methods.lora import adapter_dir  # [wire] adapter/ itself (older runs: adapter/round<k>/)
+
+    adapter = adapter_dir(rdir, k)
     model_dir = rdir / "model"
     if mcfg is None or mcfg.trainable == "loramoe" or not (adapter.is_dir() or model_dir.is_dir()):
         raise CairnError(f"{rdir} holds no vanilla model or LoRA adapter (a LoRAMoE round or a combine step's "
@@ -167,17 +169,14 @@ def export_round(run_dir: Path, method: str, k: int, out: Path, merge: bool = Fa
             library = "transformers"
         else:
             for item in adapter.iterdir():
-                if item.name != "README.md":  # PEFT's auto card names a local cache path; ours replaces it
+                if item.name not in ("README.md", PARENT_FILE):  # PEFT's auto card names a local cache path; ours replaces it
                     (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
             acfg = json.loads((tmp / "adapter_config.json").read_text(encoding="utf-8"))
             acfg["base_model_name_or_path"] = base_id
             (tmp / "adapter_config.json").write_text(json.dumps(acfg, indent=2) + "\n", encoding="utf-8")
-            (tmp / PARENT_FILE).write_text(json.dumps({
-                "base_model": base_id, "merged_rounds_first": parents if mode == "merge" else [],
-                "stacked_adapters_first": parents if mode == "stack" else [],
-                "applies_to": applies, "run": str(run_dir.resolve()), "method": method, "round": k,
-                "rebuild": f"cairn export {run_dir} --method {method} --round {k} --merge --out DIR",
-            }, indent=2) + "\n", encoding="utf-8")
+            from cairn import rundir  # [wire] one definition of cairn_parent.json
+
+            rundir.write_parent(tmp, rundir.parent_record(cfg.model, k, mode, one_round, run_dir, method))
             library = "peft"
         card = model_card(cfg, mcfg, k, record, tasks, base_id, base_note, library, merge or kind == "full",
                           applies, parents, __version__, rdir)
@@ -194,18 +193,21 @@ def export_round(run_dir: Path, method: str, k: int, out: Path, merge: bool = Fa
 
 def _rebuild_merged(cfg, mcfg, mdir: Path, k: int, one_round: bool):
     """The base with rounds 1..k merged (one-round: the base with round k only), and the tokenizer."""
+    # [wire] the runner rebuilds a round's model from its artifacts
     from cairn.experiment import Runner
-    from cairn.methods import trainable
+    from cairn.methods import lora
 
-    runner = Runner(cfg, mdir.parent, progress=False, echo=False)
+    seeded = mdir.name.startswith("seed-")
+    runner = Runner(cfg, mdir.parent.parent if seeded else mdir.parent, progress=False, echo=False,
+                    seed=int(mdir.name[5:]) if seeded else None)
     if one_round:
         from peft import PeftModel
 
-        adir = next((mdir / "rounds").glob(f"{k:02d}-*")) / "adapter" / trainable.adapter_name(k)
-        model = PeftModel.from_pretrained(runner.load_base(), str(adir))
+        rdir = next((mdir / "rounds").glob(f"{k:02d}-*"))
+        model = PeftModel.from_pretrained(runner.load_base(), str(lora.adapter_dir(rdir, k)))
     else:
-        model = runner.restore(mcfg, mdir, runner.plan(mcfg), k, lambda line: None)
-    return trainable.merge_adapters(model), runner.tokenizer
+        model = runner.restore_round(mcfg, k)
+    return lora.merge_adapters(model), runner.tokenizer
 
 
 def model_card(cfg, mcfg, k, record, tasks, base_id, base_note, library, full, applies, parents, version,

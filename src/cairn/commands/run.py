@@ -30,6 +30,9 @@ def register(sub) -> None:
     p.add_argument("--out", type=Path, default=None, help="experiment directory (default: OUTPUT_DIR/NAME)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved config, each method's rounds, examples and steps; train nothing")
+    p.add_argument("--seeds", type=int, default=None, metavar="N",
+                   help="run every method and combine step with seeds 0..N-1, into <method>/seed-<s>/ "
+                        "(same as --set seeds=[0,...,N-1])")
     p.add_argument("--overwrite", action="store_true",
                    help="start again every method whose stored settings differ from this config's")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -39,7 +42,12 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from cairn.config import load_config
 
-    cfg = load_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if args.seeds is not None:
+        if args.seeds < 1:
+            raise CairnError(f"--seeds {args.seeds}: give the number of seeds to run, at least 1")
+        overrides.append(f"seeds=[{', '.join(map(str, range(args.seeds)))}]")
+    cfg = load_config(args.config, overrides)
     out = args.out if args.out else Path(cfg.output_dir) / cfg.name
     if args.dry_run:
         print(dry_run(cfg, out))
@@ -75,17 +83,22 @@ def dry_run(cfg, out: Path) -> str:
     if cfg.tracking.report_to:
         lines.append(f"tracking: {', '.join(cfg.tracking.report_to)} -> {cfg.tracking.log_dir or out / 'tracking'} "
                      "(one run per method)")
-    for method in cfg.methods:
+    seeds = list(cfg.seeds or []) or [None]
+    if cfg.seeds:
+        lines.append(f"seeds: {', '.join(map(str, cfg.seeds))} (each method and combine step once per seed, "
+                     f"into <method>/seed-<s>/; base/ shared)")
+    for method, seed in ((m, s) for m in cfg.methods for s in seeds):
+        runner.seed = seed
         tcfg = cfg.training_for(method)
-        mdir = out / method.name
-        lines.append(f"\n{method.name}: {method.strategy} {method.trainable}"
+        mdir = runner.method_dir(method.name).path
+        lines.append(f"\n{method.name}{'' if seed is None else f' (seed {seed})'}: {method.strategy} {method.trainable}"
                      + (f" (lora r={method.lora.r}, {method.lora.sequential})" if method.trainable == "lora" else "")
                      + f", lr={tcfg.lr:g}, batch {tcfg.batch_size}x{tcfg.grad_accum}"
                      + (f", max_steps={tcfg.max_steps}" if tcfg.max_steps else f", epochs={tcfg.epochs:g}"))
         stored = mdir / FILE_NAME
         if stored.is_file():
             changes = diff(json.loads(stored.read_text(encoding="utf-8")),
-                           json.loads(json.dumps(method_fingerprint(cfg, method), default=str)))
+                           json.loads(json.dumps(method_fingerprint(cfg, method, seed), default=str)))
             lines.append(f"  existing run: {'settings unchanged, resumes' if not changes else 'settings differ (' + describe(changes) + '): refuses without --overwrite'}")
         total_steps_all = 0
         for k, (label, task_ids) in enumerate(runner.plan(method), start=1):

@@ -37,6 +37,9 @@ class FullFineTuning:
         with atomic.atomic_dir(ctx.rdir / "model", overwrite=True) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             ctx.tokenizer.save_pretrained(tmp)
+            from cairn import rundir
+
+            rundir.write_parent(tmp, rundir.parent_record(ctx.cfg.model, ctx.k, None, False, method=ctx.method.name))
         return model
 
     def restore(self, ctx: RoundContext, upto: int):

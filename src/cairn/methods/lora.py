@@ -6,8 +6,10 @@ modes (:attr:`LoraConfig.sequential`):
   saved, then merged into the weights; the next round adds a fresh adapter on the merged model.
 - ``stack`` (O-LoRA's original code): earlier adapters stay in the model as frozen adapters, all
   active; only the newest adapter trains.
-Each round's adapter is a PEFT adapter directory (``adapter/round<k>/``) that vanilla PEFT loads;
-it is also what combiners receive.
+Each round's adapter is a PEFT adapter directory (the round's ``adapter/`` folder itself; runs made
+before this kept it in ``adapter/round<k>/``, still read) that vanilla PEFT loads; it is also what
+combiners receive. Its ``cairn_parent.json`` says what it applies to (:func:`cairn.rundir.parent_record`):
+in ``merge`` mode round k's adapter was trained on the base with rounds 1..k-1 merged in.
 """
 
 from __future__ import annotations
@@ -74,8 +76,31 @@ def merge_adapters(model):
 
 
 def save_adapter(model, round_index: int, out) -> None:
-    """Save one round's adapter as a PEFT adapter directory that vanilla PEFT loads."""
-    model.save_pretrained(str(out), selected_adapters=[adapter_name(round_index)])
+    """Save one round's adapter so that ``out`` itself is a PEFT adapter directory vanilla PEFT loads.
+
+    PEFT writes a non-default adapter one level down (``out/<name>/``); its files are moved up, and
+    PEFT's auto-generated README (which names a local cache path as the base) is left out.
+    """
+    import shutil
+
+    out = Path(out)
+    staging = out / ".peft"
+    model.save_pretrained(str(staging), selected_adapters=[adapter_name(round_index)])
+    inner = staging / adapter_name(round_index)
+    src = inner if inner.is_dir() else staging
+    for item in src.iterdir():
+        if item.name != "README.md":
+            item.replace(out / item.name)
+    shutil.rmtree(staging)
+
+
+def adapter_dir(rdir: Path, k: int) -> Path:
+    """Round ``k``'s adapter folder: ``adapter/`` itself, or ``adapter/round<k>/`` in older run directories."""
+    flat = Path(rdir) / "adapter"
+    if (flat / "adapter_config.json").is_file():
+        return flat
+    old = flat / adapter_name(k)
+    return old if (old / "adapter_config.json").is_file() else flat
 
 
 class LoRA:
@@ -93,12 +118,18 @@ class LoRA:
         return []
 
     def save(self, model, ctx: RoundContext):
+        from cairn import rundir
+
         with atomic.atomic_dir(ctx.rdir / "adapter", overwrite=True) as tmp:
             save_adapter(model, ctx.k, tmp)
+            rundir.write_parent(tmp, rundir.parent_record(
+                ctx.cfg.model, ctx.k, self.cfg.sequential, ctx.method.strategy == "one-round",
+                ctx.mdir.path.parent.parent if ctx.mdir.path.name.startswith("seed-") else ctx.mdir.path.parent,
+                ctx.method.name))
         return merge_adapters(model) if self.cfg.sequential == "merge" else model
 
     def ingredient(self, rdir: Path, k: int) -> Path:
-        return rdir / "adapter" / adapter_name(k)
+        return adapter_dir(rdir, k)
 
     def restore(self, ctx: RoundContext, upto: int):
         """Round 1..upto's adapters loaded on the base in order (merged or stacked, as when trained)."""
