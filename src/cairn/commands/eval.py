@@ -82,6 +82,9 @@ def resolve_artifact(spec: str) -> tuple[str, str | None]:
         path = artifacts[-1]
         print(f"[cairn] evaluating the last round's artifact: {path}")
     if (path / "adapter_config.json").is_file():
+        from cairn.rundir import require_standalone  # [wire] an adapter trained on merged rounds: refuse
+
+        require_standalone(path, "`cairn eval` of the adapter alone")
         try:
             config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:

@@ -9,6 +9,7 @@ and their papers are described in cairn.combine.merge_fns.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import json
 
 from cairn.combine.merge_fns import ALIASES, METHODS, MergeSpec
@@ -85,6 +86,10 @@ def run(args: argparse.Namespace) -> int:
         raise CairnError(f"some --models are PEFT adapters and some are not (e.g. {mixed[0]}); merge one kind at a time")
     progress = not args.no_progress
     if args.adapters or all(flags):
+        from cairn.rundir import require_standalone  # [wire] refuse a round adapter trained on merged rounds
+
+        for m in args.models:
+            require_standalone(Path(m), "merging it against the raw base")
         summary = merge_adapters(args.models, args.out, spec, mode=args.adapter_mode, rank=args.rank,
                                  base=args.base, overwrite=args.overwrite, dtype=args.dtype,
                                  max_shard_size=args.max_shard_size, progress=progress)

@@ -67,6 +67,10 @@ def run(args: argparse.Namespace) -> int:
         if not e.is_dir():
             raise CairnError(f"expert {e} is not a folder")
     kinds = {(e / "adapter_config.json").is_file() for e in experts}
+    from cairn.rundir import require_standalone  # [wire] refuse a round adapter trained on merged rounds
+
+    for e in experts:
+        require_standalone(e, "mixing it as an expert of the raw base")
     if len(kinds) > 1:
         raise CairnError("--experts mixes LoRA adapters and full models; give one kind")
     if args.out.exists() and not args.overwrite:
