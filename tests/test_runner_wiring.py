@@ -145,3 +145,17 @@ def test_dry_run_lists_each_seed(tmp_path, tiny_model_dir):
     text = dry_run(_cfg(tiny_model_dir, seeds=[3, 4]), tmp_path / "exp")
     assert "lora (seed 3):" in text and "lora (seed 4):" in text and "seeds: 3, 4" in text
     assert not (tmp_path / "exp").exists()
+
+
+def test_data_layer_does_not_import_eval_and_knows_every_metric():
+    import subprocess
+    import sys
+
+    from cairn.data.answers import METRIC_NAMES
+    from cairn.eval.metrics import METRICS
+
+    assert set(METRIC_NAMES) == set(METRICS)
+    code = ("import sys, cairn.data.tasks, cairn.data.checks, cairn.data.answers; "
+            "print(sorted(m for m in sys.modules if m.startswith('cairn.eval')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

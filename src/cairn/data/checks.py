@@ -4,8 +4,8 @@
   GSM8K-style metric on an answer without a number; ``numeric_accuracy`` on answers none of which
   is a number); TRACE's first-character ``accuracy`` on labels that share a first character
   (World / Sports / Business / Science or Technology) is a warning naming the colliding labels and
-  the metric to use instead. A metric function may carry its own ``check_references(references)``
-  hook (raise :class:`CairnError`, or return warning strings); it is called too.
+  the metric to use instead. Metric names and number parsing come from :mod:`cairn.data.answers`
+  (the data layer does not import :mod:`cairn.eval`).
 - Once the tokenizer is loaded, before the model (:func:`check_task_inputs`): chat formatting needs a
   chat template; training examples longer than ``max_length`` lose prompt tokens from the left (a
   warning saying how many, in which file, and what happens); an example whose answer alone fills
@@ -54,7 +54,7 @@ def label_collisions(answers: list[str]) -> dict[str, list[str]]:
 
 def check_metrics(task) -> list[str]:
     """Errors for metrics that cannot score the task's test answers; warnings for ambiguous ones."""
-    from cairn.eval.metrics import extract_final_number, get_metric, parse_number
+    from cairn.data.answers import check_metric_name, extract_final_number, parse_number
 
     test = task.test
     origins = task.origins.get(task.test_split) or [f"test example {i + 1}" for i in range(len(test))]
@@ -62,7 +62,7 @@ def check_metrics(task) -> list[str]:
     found: list[str] = []
     for name in task.metrics:
         try:
-            fn = get_metric(name)  # an unknown name fails here, before any training
+            check_metric_name(name)  # an unknown name fails here, before any training
         except CairnError as exc:
             raise CairnError(f"task {task.name!r}: {exc}") from None
         if name.startswith("gsm8k"):
@@ -83,9 +83,6 @@ def check_metrics(task) -> list[str]:
                     f"task {task.name!r}: metric 'accuracy' compares only the first character (TRACE's label "
                     f"accuracy), and the labels {', '.join(map(repr, labels))} all start with {first!r}, so it "
                     f"cannot tell them apart; use `metric: exact_match` (whole label) for this task"))
-        hook = getattr(fn, "check_references", None)
-        if hook is not None:
-            found.extend(warn(m) for m in (hook(refs) or []))
     return found
 
 

@@ -57,6 +57,7 @@ import re
 from collections import Counter
 from typing import Callable
 
+from cairn.data.answers import NUMBER_RE, METRIC_NAMES, extract_final_number, parse_number  # noqa: F401
 from cairn.errors import CairnError
 
 Metric = Callable[..., float]
@@ -115,18 +116,8 @@ def exact_match(predictions: list[str], references: list[str], prompts: list[str
 
 # ---------------------------------------------------------------- numbers
 
-# a leading minus counts only when it does not follow a digit or letter ("16-3" is 16 and 3)
-_NUMBER_RE = re.compile(r"(?:(?<![\w.])-)?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")
-
-
-def parse_number(text: str) -> float | None:
-    """``text`` as a number if it is one (commas, a leading ``$`` and a trailing ``.`` allowed)."""
-    t = text.strip().replace(",", "").replace("$", "").rstrip(".").strip()
-    try:
-        value = float(t)
-    except ValueError:
-        return None
-    return value if math.isfinite(value) else None
+# number parsing lives in the data layer (its load-time checks need it too); re-exported here
+_NUMBER_RE = NUMBER_RE
 
 
 def _same_number(a: float, b: float) -> bool:
@@ -146,21 +137,6 @@ def numeric_accuracy(predictions: list[str], references: list[str], prompts: lis
             ok = bool(p) and p == r
         scores.append(1.0 if ok else 0.0)
     return _mean(scores)
-
-
-def extract_final_number(text: str) -> float | None:
-    """The final answer of a GSM8K-style solution.
-
-    The first number after the last ``####`` if there is one (the GSM8K answer format), else the
-    last number in the text. Commas, ``$`` and a trailing ``.`` are ignored.
-    """
-    if "####" in text:
-        found = _NUMBER_RE.findall(text.rsplit("####", 1)[1].replace("$", ""))
-        candidate = found[0] if found else None
-    else:
-        found = _NUMBER_RE.findall(text.replace("$", ""))
-        candidate = found[-1] if found else None
-    return None if candidate is None else parse_number(candidate)
 
 
 def gsm8k(predictions: list[str], references: list[str], prompts: list[str] | None = None) -> float:
@@ -396,6 +372,9 @@ METRICS: dict[str, Metric] = {
     "gsm8k_cot_strict": gsm8k_cot_strict,
     "gsm8k_cot_flexible": gsm8k_cot_flexible,
 }
+
+# the data layer validates names against METRIC_NAMES without importing this module: keep them equal
+assert set(METRICS) == set(METRIC_NAMES), "cairn.data.answers.METRIC_NAMES must list every registered metric"
 
 # metrics whose references must hold a GSM8K final answer ("... #### N" or a bare number)
 _GSM8K_METRICS = {"gsm8k", "gsm8k_strict", "gsm8k_flexible", "gsm8k_cot_strict", "gsm8k_cot_flexible"}
