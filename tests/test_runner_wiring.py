@@ -159,3 +159,17 @@ def test_data_layer_does_not_import_eval_and_knows_every_metric():
             "print(sorted(m for m in sys.modules if m.startswith('cairn.eval')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_tracking_gets_each_rounds_scores_and_the_log_says_the_world(tmp_path, tiny_model_dir):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    exp = tmp_path / "exp"
+    run_experiment(_cfg(tiny_model_dir, tracking={"report_to": ["tensorboard"]}), exp, progress=False)
+    acc = EventAccumulator(str(exp / "tracking" / "w" / "lora"))
+    acc.Reload()
+    # round/<task> at each round's last global step: 2 steps a round on one axis
+    assert [e.step for e in acc.Scalars("round/zoology")] == [2, 4]
+    assert [e.step for e in acc.Scalars("scores/geography")] == [1, 2]
+    assert "world size 1, device cpu" in (exp / "log.txt").read_text()

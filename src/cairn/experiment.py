@@ -153,6 +153,7 @@ class Runner:
         self.out.mkdir(parents=True, exist_ok=True)
         atomic.write_text(self.run_dir.config, to_yaml(self.cfg))
         log = RunLog(self.run_dir.log, self.echo)
+        log(self.world_line())
         for warning in self.data_warnings:
             log(f"data warning: {warning}")
         seeded = self.seeds != [None]
@@ -192,6 +193,26 @@ class Runner:
             self.cfg.name, [name for name, _, _ in steps], status,
             seeds=[s for s in self.seeds if s is not None] or None))
         return {"status": status, "results": results}
+
+    def world_line(self) -> str:
+        """World size, device and precision, said at the start of every run (issue 10: a launcher that
+        asked for several processes while one runs must be visible)."""
+        import os
+
+        import torch
+
+        try:
+            from cairn import dist  # the process-world helpers, where present
+
+            world = dist.world_size()
+        except ImportError:
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+        device = f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "cpu"
+        bf16 = sorted({self.cfg.training_for(m).bf16 for m in self.cfg.methods})
+        precision = "/".join("bf16 autocast" if b else "fp32 compute" for b in bf16)
+        seeds = f", seeds {', '.join(map(str, self.seeds))}" if self.seeds != [None] else f", seed {self.cfg.seed}"
+        return (f"cairn run {self.cfg.name}: world size {world}, device {device}, weights {self.cfg.dtype}, "
+                f"{precision}{seeds}")
 
     # -- plan (the dry run reads these; no weights load) -------------------------------------
     def plan(self, method_cfg: MethodConfig) -> list[tuple[str, list[int]]]:
