@@ -149,7 +149,18 @@ class Runner:
     # -- experiment --------------------------------------------------------------------------
     def run(self) -> dict:
         """Every method and combine step, once per seed. Returns {"status", "results"}; with several seeds
-        each step's entry is ``{seed: ...}`` (seed as a string key, as in experiment.json)."""
+        each step's entry is ``{seed: ...}`` (seed as a string key, as in experiment.json).
+
+        The run directory's lock (:mod:`cairn.runlock`, one writer per directory) is held throughout.
+        """
+        lock = _run_lock(self.out)
+        try:
+            return self._run()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _run(self) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
         atomic.write_text(self.run_dir.config, to_yaml(self.cfg))
         log = RunLog(self.run_dir.log, self.echo)
@@ -403,6 +414,15 @@ class Runner:
         atomic.write_text(mdir.table, results_table(results))
         rundir.write_results(mdir.results, results)  # last: marks the method complete
         return rundir.read_results(mdir.results)
+
+
+def _run_lock(out: Path):
+    """The run directory's OS lock (a second `cairn run` on it refuses), where cairn.runlock exists."""
+    try:
+        from cairn.runlock import lock_run_dir
+    except ImportError:  # the lock module arrives with the robustness work
+        return None
+    return lock_run_dir(out)
 
 
 def _train_takes(name: str) -> bool:
