@@ -73,6 +73,8 @@ class Runner:
         # [None] (the single-seed layout <method>/ with ``cfg.seed``).
         self.seeds: list[int | None] = [seed] if seed is not None else list(cfg.seeds or []) or [None]
         self.seed = self.seeds[0]  # the seed being run (method_dir, context and training read it)
+        # Several seeds from the config: statuses and results are {seed: ...}; one given seed: flat.
+        self.multi_seed = seed is None and bool(cfg.seeds)
         self.progress = progress
         self.echo = echo
         self.overwrite = overwrite
@@ -167,7 +169,7 @@ class Runner:
         log(self.world_line())
         for warning in self.data_warnings:
             log(f"data warning: {warning}")
-        seeded = self.seeds != [None]
+        seeded = self.multi_seed
         status: dict[str, str | dict] = {}
         results: dict[str, dict] = {}
         base = self.base_record(log)

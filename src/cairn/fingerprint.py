@@ -80,6 +80,8 @@ def _task_path(task, data_dir: str | None) -> Path | None:
 
 def method_fingerprint(cfg, method, seed: int | None = None) -> dict[str, Any]:
     """The effective settings and data of ``method`` (a MethodConfig of ``cfg``) as a JSON-able dict."""
+    from cairn.config import method_to_dict
+
     training = {k: v for k, v in dataclasses.asdict(cfg.training_for(method)).items() if k not in _TRAINING_SKIP}
     evaluation = dataclasses.asdict(cfg.evaluation)
     evaluation.pop("batch_size", None)
@@ -95,7 +97,8 @@ def method_fingerprint(cfg, method, seed: int | None = None) -> dict[str, Any]:
         "model": cfg.model,
         "dtype": cfg.dtype,
         "seed": cfg.seed if seed is None else seed,
-        "method": {k: v for k, v in dataclasses.asdict(method).items() if k not in _METHOD_SKIP},
+        # the method as its YAML mapping: registered sections (lora, olora, ewc, ...) as its own keys
+        "method": {k: v for k, v in method_to_dict(method).items() if k not in _METHOD_SKIP},
         "training": training,
         "tasks": [dataclasses.asdict(t) for t in cfg.tasks],
         "data": data,
