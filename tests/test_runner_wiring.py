@@ -173,3 +173,21 @@ def test_tracking_gets_each_rounds_scores_and_the_log_says_the_world(tmp_path, t
     assert [e.step for e in acc.Scalars("round/zoology")] == [2, 4]
     assert [e.step for e in acc.Scalars("scores/geography")] == [1, 2]
     assert "world size 1, device cpu" in (exp / "log.txt").read_text()
+
+
+def test_changed_combine_step_refuses_then_overwrite_recombines(tmp_path, tiny_model_dir):
+    methods = [{"name": "solo", "trainable": "lora", "strategy": "one-round", "lora": {"r": 2, "alpha": 4}}]
+
+    def cfg(weights):
+        return _cfg(tiny_model_dir, methods, combine=[{"name": "avg", "source": "solo", "kind": "merge",
+                                                       "method": "linear", "params": {"weights": weights}}])
+
+    exp = tmp_path / "exp"
+    assert run_experiment(cfg([0.5, 0.5]), exp, progress=False)["status"] == {"solo": "ok", "avg": "ok"}
+    out = run_experiment(cfg([0.9, 0.1]), exp, progress=False)
+    assert out["status"]["solo"] == "ok"  # the source's settings did not change: reused
+    assert "combine.params.weights" in out["status"]["avg"] and "--overwrite" in out["status"]["avg"]
+    out = run_experiment(cfg([0.9, 0.1]), exp, progress=False, overwrite=True)
+    assert out["status"] == {"solo": "ok", "avg": "ok"}
+    stored = json.loads((exp / "avg" / "fingerprint.json").read_text())
+    assert stored["combine"]["params"]["weights"] == [0.9, 0.1]
