@@ -20,8 +20,9 @@ def register(sub) -> None:
     inner = p.add_subparsers(dest="config_command", metavar="SUBCOMMAND")
     s = inner.add_parser("schema", help="print every config key with its type, default and help",
                          description="Print every key an experiment YAML accepts, with its type, default and "
-                                     "help text, generated from the config dataclasses. Keys under tasks[] and "
-                                     "methods[] belong to each list item.",
+                                     "help text, generated from the config dataclasses and the method sections "
+                                     "the method pieces register (lora, loramoe, olora, nlora, ewc, ...). Keys "
+                                     "under tasks[] and methods[] belong to each list item.",
                          formatter_class=p.formatter_class)
     s.add_argument("--format", choices=["text", "markdown"], default="text", help="output format")
     s.add_argument("--section", default=None, metavar="PREFIX",
