@@ -78,6 +78,12 @@ def _task_path(task, data_dir: str | None) -> Path | None:
     return p
 
 
+def _method_settings(method) -> dict[str, Any]:
+    # report2: registered sections (lora, olora, ewc, ...) under their YAML keys, not under "sections"
+    d = {k: v for k, v in dataclasses.asdict(method).items() if k not in _METHOD_SKIP}
+    return d | (d.pop("sections", None) or {})
+
+
 def method_fingerprint(cfg, method, seed: int | None = None) -> dict[str, Any]:
     """The effective settings and data of ``method`` (a MethodConfig of ``cfg``) as a JSON-able dict."""
     training = {k: v for k, v in dataclasses.asdict(cfg.training_for(method)).items() if k not in _TRAINING_SKIP}
@@ -95,7 +101,7 @@ def method_fingerprint(cfg, method, seed: int | None = None) -> dict[str, Any]:
         "model": cfg.model,
         "dtype": cfg.dtype,
         "seed": cfg.seed if seed is None else seed,
-        "method": {k: v for k, v in dataclasses.asdict(method).items() if k not in _METHOD_SKIP},
+        "method": _method_settings(method),
         "training": training,
         "tasks": [dataclasses.asdict(t) for t in cfg.tasks],
         "data": data,
