@@ -43,8 +43,10 @@ def test_config_schema_lists_every_key(capsys):
     assert main(["config", "schema"]) == 0
     out = capsys.readouterr().out
     for key in ("training.lr: float = 0.0001", "methods[].lora.r: int = 8", "tracking.report_to: list[str] = []",
-                "tasks[].format: trace | jsonl | hf", "evaluation.old_knowledge: section | null = null",
-                "name: str = required"):
+                "tasks[].format: trace | jsonl | messages | hf", "evaluation.old_knowledge: section | null = null",
+                "name: str = required",
+                # method sections come from the registered method pieces (cairn.methods.registry.sections)
+                "methods[].olora.lambda1: list[float] | float = 0.5", "methods[].ewc: section | null = null"):
         assert key in out, key
     assert "Peak learning rate." in out
     assert main(["config", "schema", "--format", "markdown", "--section", "training"]) == 0

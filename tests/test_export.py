@@ -105,3 +105,29 @@ def test_one_round_merge_is_base_plus_that_round_only(tmp_path, tiny_model_dir):
     torch.testing.assert_close(_logits(exported, ids), _logits(ref, ids), rtol=1e-5, atol=1e-5)  # same merge ops
     assert main(["export", str(run), "--method", "solo", "--round", "2", "--out", str(tmp_path / "a")]) == 0
     assert json.loads((tmp_path / "a" / "cairn_parent.json").read_text())["applies_to"] == "the raw base model"
+
+
+def test_adapter_export_reads_both_round_layouts(run_dir, tmp_path):
+    """rounds/NN-x/adapter/ as the PEFT adapter itself, or (older runs) adapter/round<k>/: same export."""
+    import shutil
+
+    from cairn.commands.export import adapter_dir
+
+    flat = tmp_path / "flat"
+    shutil.copytree(run_dir, flat)
+    rdir = flat / "lora" / "rounds" / "02-geography"
+    nested = rdir / "adapter" / "round2"
+    if nested.is_dir():  # written in the older layout: move the adapter up one level
+        for item in nested.iterdir():
+            shutil.move(str(item), rdir / "adapter" / item.name)
+        nested.rmdir()
+    assert adapter_dir(rdir, 2) == rdir / "adapter"
+    old = run_dir / "lora" / "rounds" / "02-geography"
+    assert adapter_dir(old, 2) in (old / "adapter", old / "adapter" / "round2")
+    assert adapter_dir(tmp_path, 2) is None
+    for src, out in ((run_dir, tmp_path / "a-old"), (flat, tmp_path / "a-flat")):
+        assert main(["export", str(src), "--method", "lora", "--round", "2", "--out", str(out)]) == 0
+    assert ((tmp_path / "a-flat" / "adapter_model.safetensors").read_bytes()
+            == (tmp_path / "a-old" / "adapter_model.safetensors").read_bytes())
+    parent = json.loads((tmp_path / "a-flat" / "cairn_parent.json").read_text())
+    assert parent["merged_rounds_first"] == [1]

@@ -20,8 +20,10 @@ import sys
 from cairn import __version__
 from cairn.errors import CairnError
 
-# Order is the order shown by ``cairn --help``.
-COMMAND_MODULES = ["demo", "run", "merge", "mix", "eval", "report", "export", "models", "config"]
+# Order is the order shown by ``cairn --help``; a module not built yet (the ledger's init, contribute
+# and ledger commands) is skipped, so it appears once its file lands.
+COMMAND_MODULES = ["demo", "run", "merge", "mix", "eval", "report", "export", "init", "contribute", "ledger",
+                   "models", "config"]
 
 
 class HelpFormatter(argparse.HelpFormatter):

@@ -78,10 +78,14 @@ def _task_path(task, data_dir: str | None) -> Path | None:
     return p
 
 
+def _method_settings(method) -> dict[str, Any]:
+    # report2: registered sections (lora, olora, ewc, ...) under their YAML keys, not under "sections"
+    d = {k: v for k, v in dataclasses.asdict(method).items() if k not in _METHOD_SKIP}
+    return d | (d.pop("sections", None) or {})
+
+
 def method_fingerprint(cfg, method, seed: int | None = None) -> dict[str, Any]:
     """The effective settings and data of ``method`` (a MethodConfig of ``cfg``) as a JSON-able dict."""
-    from cairn.config import method_to_dict
-
     training = {k: v for k, v in dataclasses.asdict(cfg.training_for(method)).items() if k not in _TRAINING_SKIP}
     evaluation = dataclasses.asdict(cfg.evaluation)
     evaluation.pop("batch_size", None)
@@ -97,8 +101,7 @@ def method_fingerprint(cfg, method, seed: int | None = None) -> dict[str, Any]:
         "model": cfg.model,
         "dtype": cfg.dtype,
         "seed": cfg.seed if seed is None else seed,
-        # the method as its YAML mapping: registered sections (lora, olora, ewc, ...) as its own keys
-        "method": {k: v for k, v in method_to_dict(method).items() if k not in _METHOD_SKIP},
+        "method": _method_settings(method),
         "training": training,
         "tasks": [dataclasses.asdict(t) for t in cfg.tasks],
         "data": data,

@@ -1,7 +1,8 @@
 """``cairn config schema``: every experiment-config key with its type, default and help.
 
-Generated from the config dataclasses (:mod:`cairn.config`), so it cannot drift from what the loader
-accepts. ``--format markdown`` prints a table for documentation.
+Generated from the config dataclasses (:mod:`cairn.config`) and the method sections the method pieces
+register (:func:`cairn.methods.registry.sections`: ``lora``, ``olora``, ``ewc``, ...), so it cannot drift
+from what the loader accepts. ``--format markdown`` prints a table for documentation.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ def register(sub) -> None:
     inner = p.add_subparsers(dest="config_command", metavar="SUBCOMMAND")
     s = inner.add_parser("schema", help="print every config key with its type, default and help",
                          description="Print every key an experiment YAML accepts, with its type, default and "
-                                     "help text, generated from the config dataclasses. Keys under tasks[] and "
-                                     "methods[] belong to each list item.",
+                                     "help text, generated from the config dataclasses and the method sections "
+                                     "the method pieces register (lora, loramoe, olora, nlora, ewc, ...). Keys "
+                                     "under tasks[] and methods[] belong to each list item.",
                          formatter_class=p.formatter_class)
     s.add_argument("--format", choices=["text", "markdown"], default="text", help="output format")
     s.add_argument("--section", default=None, metavar="PREFIX",
@@ -75,6 +77,9 @@ def schema_rows(cls: type | None = None, prefix: str = "") -> list[tuple[str, st
     rows = []
     for f in dataclasses.fields(cls):
         key = f"{prefix}{f.name}"
+        if f.metadata.get("section_holder"):  # the method pieces' registered sections, keys of the item itself
+            rows += _registered_section_rows(prefix)
+            continue
         tp, optional = _unwrap(hints[f.name])
         inner = typing.get_args(tp)[0] if typing.get_origin(tp) is list and typing.get_args(tp) else None
         if dataclasses.is_dataclass(tp):
@@ -87,6 +92,30 @@ def schema_rows(cls: type | None = None, prefix: str = "") -> list[tuple[str, st
         else:
             name = type_name(hints[f.name])
             rows.append((key, name, _default(f), f.metadata.get("help", "")))
+    return rows
+
+
+def _section_help(key: str, section) -> str:
+    doc = section.cls.__doc__ or ""
+    if doc.startswith(section.cls.__name__ + "("):  # the dataclass' generated signature, not a docstring
+        doc = ""
+    doc = " ".join(doc.strip().split("\n\n")[0].split())
+    role = (f"Settings of the `{key}` trainable (read when `trainable: {key}`)." if section.default_on
+            else f"Switches the `{key}` part on for this method when present (omit: off).")
+    return f"{role} {doc}".strip()
+
+
+def _registered_section_rows(prefix: str) -> list[tuple[str, str, str, str]]:
+    """Rows for every config section registered by a method piece (see cairn.methods.registry)."""
+    from cairn.methods.registry import sections
+
+    rows = []
+    for key, section in sorted(sections().items()):
+        if section.cls is None:  # a part configured by a plain MethodConfig field (replay)
+            continue
+        kind, default = ("section", "(section)") if section.default_on else ("section | null", "null")
+        rows.append((f"{prefix}{key}", kind, default, _section_help(key, section)))
+        rows += schema_rows(section.cls, f"{prefix}{key}.")
     return rows
 
 

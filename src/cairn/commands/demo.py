@@ -31,7 +31,8 @@ def register(sub) -> None:
         description="Run the built-in demo: SmolLM2-135M learns three domains of invented facts in sequence "
                     "with LoRA and with full fine-tuning, evaluated after every round on 64 questions per domain, "
                     "and on an old-knowledge subset (ARC-Easy, PIQA) before and after when a data pack is given; "
-                    "prints the tables with 95% intervals and the findings. About 10 minutes on a 2-core CPU.",
+                    "prints the tables with 95% intervals and the findings. About 10 minutes on a 2-core CPU (estimated from each part's measured "
+                    "CPU time: benchmarks/demo_budget.py).",
     )
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="experiment directory (default: runs/demo)")
     p.add_argument("--data-dir", type=Path, default=None, metavar="DIR",

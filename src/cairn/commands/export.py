@@ -87,6 +87,16 @@ def round_dir(mdir: Path, k: int) -> Path:
     return match[0]
 
 
+def adapter_dir(rdir: Path, k: int) -> Path | None:
+    """Round ``k``'s PEFT adapter folder: ``adapter/`` itself (a vanilla PEFT adapter) or, in runs written
+    before that layout, ``adapter/round<k>/`` (PEFT's folder for a named adapter); None when neither."""
+    folder = Path(rdir) / "adapter"
+    for candidate in (folder, folder / f"round{k}"):
+        if (candidate / "adapter_config.json").is_file():
+            return candidate
+    return None
+
+
 def _load_cfg(mdir: Path, run_dir: Path):
     from cairn.config import load_config
 
@@ -124,7 +134,10 @@ def _check_credentials(repo: str) -> None:
 
 def export_round(run_dir: Path, method: str, k: int, out: Path, merge: bool = False, seed: int | None = None,
                  overwrite: bool = False, push_to_hub: str | None = None, private: bool = False) -> Path:
-    """Export round ``k`` of ``method`` from ``run_dir`` into ``out``; returns ``out``. See the module doc."""
+    """Export round ``k`` of ``method`` from ``run_dir`` into ``out``; returns ``out``. See the module doc.
+
+    A LoRA round's adapter is read from ``rounds/NN-<task>/adapter/`` (a vanilla PEFT adapter) or, in
+    older runs, ``adapter/round<k>/`` (see :func:`adapter_dir`)."""
     from cairn import __version__, atomic
 
     run_dir, out = Path(run_dir), Path(out)
@@ -137,11 +150,9 @@ def export_round(run_dir: Path, method: str, k: int, out: Path, merge: bool = Fa
     cfg = _load_cfg(mdir, run_dir)
     mcfg = next((m for m in cfg.methods if m.name == method), None)
     record = json.loads((rdir / "round.json").read_text(encoding="utf-8"))
-    from cairn.methods.lora import adapter_dir  # [wire] adapter/ itself (older runs: adapter/round<k>/)
-
     adapter = adapter_dir(rdir, k)
     model_dir = rdir / "model"
-    if mcfg is None or mcfg.trainable == "loramoe" or not (adapter.is_dir() or model_dir.is_dir()):
+    if mcfg is None or mcfg.trainable == "loramoe" or not (adapter is not None or model_dir.is_dir()):
         raise CairnError(f"{rdir} holds no vanilla model or LoRA adapter (a LoRAMoE round or a combine step's "
                          "mixture); only LoRA and full fine-tuning rounds can be exported")
     base_id, base_note = _base_id(cfg.model)
@@ -163,7 +174,7 @@ def export_round(run_dir: Path, method: str, k: int, out: Path, merge: bool = Fa
                 (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
             library = "transformers"
         elif merge:
-            model, tokenizer = _rebuild_merged(cfg, mcfg, mdir, k, one_round)
+            model, tokenizer = _rebuild_merged(cfg, mcfg, run_dir, mdir, k, one_round, seed)
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             library = "transformers"
@@ -191,23 +202,24 @@ def export_round(run_dir: Path, method: str, k: int, out: Path, merge: bool = Fa
     return out
 
 
-def _rebuild_merged(cfg, mcfg, mdir: Path, k: int, one_round: bool):
-    """The base with rounds 1..k merged (one-round: the base with round k only), and the tokenizer."""
-    # [wire] the runner rebuilds a round's model from its artifacts
-    from cairn.experiment import Runner
-    from cairn.methods import lora
+def _rebuild_merged(cfg, mcfg, run_dir: Path, mdir: Path, k: int, one_round: bool, seed: int | None):
+    """The base with rounds 1..k merged (one-round: the base with round k only), and the tokenizer.
 
-    seeded = mdir.name.startswith("seed-")
-    runner = Runner(cfg, mdir.parent.parent if seeded else mdir.parent, progress=False, echo=False,
-                    seed=int(mdir.name[5:]) if seeded else None)
+    The chain is rebuilt by the method's own ``restore`` (as a resumed run does), so it follows however
+    the trainable saved its rounds."""
+    from cairn.experiment import Runner
+    from cairn.methods.lora import merge_adapters
+
+    runner = Runner(cfg, run_dir, progress=False, echo=False, seed=seed)
     if one_round:
         from peft import PeftModel
 
-        rdir = next((mdir / "rounds").glob(f"{k:02d}-*"))
-        model = PeftModel.from_pretrained(runner.load_base(), str(lora.adapter_dir(rdir, k)))
+        rdir = round_dir(mdir, k)
+        model = PeftModel.from_pretrained(runner.load_base(), str(adapter_dir(rdir, k)))
     else:
-        model = runner.restore_round(mcfg, k)
-    return lora.merge_adapters(model), runner.tokenizer
+        method = runner.methods[mcfg.name]
+        model = method.restore(runner.context(mcfg, k, lambda line: None), k)
+    return merge_adapters(model), runner.tokenizer
 
 
 def model_card(cfg, mcfg, k, record, tasks, base_id, base_note, library, full, applies, parents, version,

@@ -35,7 +35,7 @@ def register(sub) -> None:
     p.add_argument("--normalisation", choices=["softmax", "sigmoid"], default="softmax",
                    help="LoRA-MoE router normalisation")
     p.add_argument("--moe-layers", type=int, nargs="+", help="FFT: layers that become MoE (default: all)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of random router initialisation")  # report2: help text
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=run)
 

@@ -11,8 +11,8 @@ def register(subparsers) -> None:
         "report",
         help="build tables, plots and an HTML page from saved results",
         description=(
-            "Build the paper-style tables (Markdown, CSV, LaTeX), plots (PNG) and one self-contained "
-            "report.html from saved results only. Each RUN_DIR is a run directory (with results.json) "
+            "Build the paper-style tables (Markdown, CSV, LaTeX), plots (PNG; with the training-loss curves "
+            "from each round's train_log.jsonl) and one self-contained report.html from saved results only. Each RUN_DIR is a run directory (with results.json) "
             "or an experiment directory (with experiment.json and one run directory per method, or "
             "<method>/seed-<s>/ per seed); several are compared as methods. Seeds give mean ± sd; single "
             "seeds get per-item bootstrap intervals; with several methods the report adds a significance "

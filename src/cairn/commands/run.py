@@ -101,8 +101,9 @@ def dry_run(cfg, out: Path) -> str:
                            json.loads(json.dumps(method_fingerprint(cfg, method, seed), default=str)))
             lines.append(f"  existing run: {'settings unchanged, resumes' if not changes else 'settings differ (' + describe(changes) + '): refuses without --overwrite'}")
         total_steps_all = 0
-        for k, (label, task_ids) in enumerate(runner.plan(method), start=1):
-            examples, record = runner.round_examples(method, k, task_ids)
+        composed = runner.methods[method.name]  # report2: the method seam (arch) replaced Runner.plan/round_examples
+        for k, (label, task_ids) in enumerate(composed.plan(runner.tasks), start=1):
+            examples, record = composed.round_examples(runner.context(method, k, lambda line: None))
             steps = total_steps(len(examples), tcfg)
             total_steps_all += steps
             done = (mdir / "rounds" / f"{k:02d}-{label}" / "round.json").is_file()

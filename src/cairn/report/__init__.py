@@ -4,7 +4,8 @@
 
 - ``tables/<name>.{md,csv,tex}``: the paper-shaped tables (see :mod:`cairn.report.tables`), and
   ``tables.md`` with all of them;
-- ``plots/*.png`` (see :mod:`cairn.report.plots`);
+- ``plots/*.png`` (see :mod:`cairn.report.plots`), with the training-loss curves read from each round's
+  ``train_log.jsonl`` (see :mod:`cairn.report.curves`);
 - ``report.html``: one self-contained page with every table, figure and each run's configuration;
 - ``findings.md`` (several methods): the seed paper's checkable claims and whether this run
   supports, contradicts or cannot tell them (see :mod:`cairn.report.findings`).
@@ -88,6 +89,11 @@ def _figures_for(runs: list[Run], plot_dir: Path, stem: str) -> list[Figure]:
          "Old knowledge averaged over each one-round method's models, per test, next to the base (paper Fig. 2)."),
         retention,
     ]
+    from cairn.report.curves import loss_plot
+
+    specs.append((loss_plot, f"loss{stem}.png",
+                  "Training loss terms against the global step (each round's train_log.jsonl); one line per "
+                  "method and seed" + (", dotted lines where a round begins." if len(runs) == 1 else ".")))
     figs = []
     for fn, name, caption in specs:
         path = fn(runs, plot_dir / name)

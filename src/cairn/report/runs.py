@@ -12,6 +12,11 @@ O-LoRA / N-LoRA, combiner kind and source) comes from ``results.json`` when the 
 from the experiment's or the method's ``config.yaml``; the findings page uses it to find the methods
 a claim is about. A one-round method is recognised by ``strategy: one-round`` or, in older runs, by
 its rows ``only-<task>`` in task order.
+
+Paths and records come from :mod:`cairn.rundir` (the one definition of the run directory): results
+through :func:`cairn.rundir.read_results` (older schemas upgraded), an experiment's methods and statuses
+through :meth:`cairn.rundir.RunDir.read_status`, a method's seeds through
+:meth:`cairn.rundir.RunDir.method_dirs`.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cairn import rundir
 from cairn.errors import CairnError
+from cairn.rundir import ExperimentStatus, MethodDir, RunDir
 
 
 @dataclass
@@ -157,27 +164,27 @@ def _spec(results: dict, name: str, specs: dict[str, dict]) -> dict:
 
 
 def load_run(path: Path, label: str | None = None, specs: dict[str, dict] | None = None) -> Run:
-    path = Path(path)
-    res_path = path / "results.json"
-    results = validate_results(_read_json(res_path), str(res_path))
-    cfg = path / "config.yaml"
-    text = cfg.read_text(encoding="utf-8") if cfg.is_file() else None
-    name = label or str(results.get("name") or path.name)
+    mdir = MethodDir(Path(path))
+    results = validate_results(rundir.read_results(mdir.results), str(mdir.results))
+    text = mdir.config.read_text(encoding="utf-8") if mdir.config.is_file() else None
+    name = label or str(results.get("name") or mdir.path.name)
     all_specs = dict(specs or {})
     for k, v in _config_specs(text).items():
         all_specs.setdefault(k, v)
-    return Run(label=name, path=path, results=results, config_text=text,
+    return Run(label=name, path=mdir.path, results=results, config_text=text,
                spec=_spec(results, str(results.get("name") or name), all_specs))
 
 
-def seed_dirs(path: Path) -> list[tuple[int, Path]]:
-    """``(seed, dir)`` of every ``seed-<s>/`` under a method directory, by seed."""
-    out = []
-    for d in Path(path).glob("seed-*"):
-        tail = d.name[len("seed-"):]
-        if d.is_dir() and tail.lstrip("-").isdigit():
-            out.append((int(tail), d))
-    return sorted(out)
+def _seed_of(mdir: MethodDir) -> int | None:
+    """The seed a ``seed-<s>/`` directory name states (None for a single-seed ``<method>/``)."""
+    tail = mdir.path.name[len("seed-"):] if mdir.path.name.startswith("seed-") else ""
+    return int(tail) if tail.lstrip("-").isdigit() else None
+
+
+def _seeded_dirs(root: Path, name: str) -> list[MethodDir]:
+    """The ``seed-<s>/`` directories of method ``name`` under ``root`` (empty for a single-seed method)."""
+    dirs = RunDir(Path(root)).method_dirs(name)
+    return [m for m in dirs if _seed_of(m) is not None]
 
 
 def _mean_rows(rows: list[list | None]) -> list | None:
@@ -210,22 +217,40 @@ def aggregate_results(per_seed: list[dict], where: str) -> dict:
     return out
 
 
-def load_seeded(path: Path, label: str, specs: dict[str, dict] | None = None) -> tuple[Run | None, list[str]]:
-    """A method with ``seed-<s>/`` directories as one run (mean results) and the seeds left out."""
+def load_seeded(dirs: list[MethodDir], label: str, specs: dict[str, dict] | None = None,
+                where: Path | None = None) -> tuple[Run | None, list[str]]:
+    """A method's ``seed-<s>/`` directories as one run (mean results) and the seeds left out."""
     runs, missing = [], []
-    for s, d in seed_dirs(path):
-        if (d / "results.json").is_file():
-            r = load_run(d, label=f"{label} (seed {s})", specs=specs)
-            r.results.setdefault("seed", s)
+    for mdir in dirs:
+        if mdir.results.is_file():
+            r = load_run(mdir.path, specs=specs)
+            if r.results.get("seed") is None:  # results.json before schema 2 does not state its seed
+                r.results["seed"] = _seed_of(mdir)
+            r.label = f"{label} (seed {r.results['seed']})"
             runs.append(r)
         else:
-            missing.append(f"seed {s}: no results.json")
+            missing.append(f"seed {_seed_of(mdir)}: no results.json")
     if not runs:
         return None, missing
+    path = where or dirs[0].path.parent
     results = aggregate_results([r.results for r in runs], str(path))
     run = Run(label=label, path=Path(path), results=results, config_text=runs[0].config_text,
               seed_runs=runs, spec=runs[0].spec)
     return run, missing
+
+
+def _read_status(d: Path) -> ExperimentStatus:
+    """experiment.json through cairn.rundir; hand-written files may omit ``name`` and ``status``."""
+    where = d / "experiment.json"
+    try:
+        status = RunDir(d).read_status()
+    except (KeyError, TypeError, json.JSONDecodeError):
+        data = _read_json(where)
+        status = ExperimentStatus(name=str(data.get("name") or d.name), methods=data.get("methods"),
+                                  status=data.get("status") or {})
+    if not isinstance(status.methods, list):
+        raise CairnError(f"{where}: needs a 'methods' list naming its run sub-directories.")
+    return status
 
 
 def load_runs(dirs: list[Path]) -> Loaded:
@@ -236,34 +261,34 @@ def load_runs(dirs: list[Path]) -> Loaded:
     for d in map(Path, dirs):
         if not d.is_dir():
             raise CairnError(f"{d}: no such directory; pass a run directory written by `cairn run`.")
-        if (d / "results.json").is_file():
+        run_dir = RunDir(d)
+        own_seeds = _seeded_dirs(d.parent, d.name)
+        if MethodDir(d).results.is_file():
             loaded.runs.append(load_run(d))
-        elif seed_dirs(d) and not (d / "experiment.json").is_file():  # one method's seed directories
-            run, missing = load_seeded(d, d.name)
+        elif own_seeds and not run_dir.experiment.is_file():  # one method's seed directories
+            run, missing = load_seeded(own_seeds, d.name, where=d)
             if run is None:
                 raise CairnError(f"{d}: none of its seed directories has results.json ({'; '.join(missing)}).")
             loaded.runs.append(run)
             loaded.skipped += [(d.name, m) for m in missing]
-        elif (d / "experiment.json").is_file():
-            exp = _read_json(d / "experiment.json")
-            methods = exp.get("methods")
-            if not isinstance(methods, list):
-                raise CairnError(f"{d / 'experiment.json'}: needs a 'methods' list naming its run sub-directories.")
-            cfg = d / "config.yaml"
+        elif run_dir.experiment.is_file():
+            exp = _read_status(d)
+            cfg = run_dir.config
             specs = _config_specs(cfg.read_text(encoding="utf-8") if cfg.is_file() else None)
-            status = exp.get("status") or {}
-            for m in methods:
-                sub = d / m
+            status = exp.status or {}
+            for m in exp.methods:
+                sub = run_dir.method(m).path
+                seeds = _seeded_dirs(d, m)
                 st = status.get(m, "ok")
                 if isinstance(st, dict):  # per-seed statuses: report the seeds that finished
                     bad = [f"seed {s}: {v}" for s, v in st.items() if v != "ok"]
                     st = "ok"
                     loaded.skipped += [(m, b) for b in bad]
                 st = str(st)
-                if (sub / "results.json").is_file() and st == "ok":
+                if MethodDir(sub).results.is_file() and st == "ok":
                     loaded.runs.append(load_run(sub, label=m, specs=specs))
-                elif seed_dirs(sub) and st == "ok":
-                    run, missing = load_seeded(sub, m, specs)
+                elif seeds and st == "ok":
+                    run, missing = load_seeded(seeds, m, specs, where=sub)
                     loaded.skipped += [(m, x) for x in missing]
                     if run is not None:
                         loaded.runs.append(run)
