@@ -191,3 +191,18 @@ def test_changed_combine_step_refuses_then_overwrite_recombines(tmp_path, tiny_m
     assert out["status"] == {"solo": "ok", "avg": "ok"}
     stored = json.loads((exp / "avg" / "fingerprint.json").read_text())
     assert stored["combine"]["params"]["weights"] == [0.9, 0.1]
+
+
+def test_cli_seeds_flag(tmp_path, tiny_model_dir, capsys):
+    import yaml
+
+    from cairn.cli import main
+    from cairn.config import to_dict
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(to_dict(_cfg(tiny_model_dir))))
+    assert main(["run", str(path), "--seeds", "0"]) == 2
+    assert "--seeds 0" in capsys.readouterr().err
+    assert main(["run", str(path), "--seeds", "2", "--dry-run", "--out", str(tmp_path / "exp")]) == 0
+    text = capsys.readouterr().out
+    assert "seeds: 0, 1" in text and "lora (seed 1):" in text and not (tmp_path / "exp").exists()
