@@ -206,3 +206,24 @@ def test_cli_seeds_flag(tmp_path, tiny_model_dir, capsys):
     assert main(["run", str(path), "--seeds", "2", "--dry-run", "--out", str(tmp_path / "exp")]) == 0
     text = capsys.readouterr().out
     assert "seeds: 0, 1" in text and "lora (seed 1):" in text and not (tmp_path / "exp").exists()
+
+
+def test_cairn_run_with_seeds_prints_the_summary_and_fails_nonzero(tmp_path, tiny_model_dir, capsys):
+    import yaml
+
+    from cairn.cli import main
+    from cairn.config import to_dict
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(to_dict(_cfg(tiny_model_dir))))
+    assert main(["run", str(path), "--seeds", "2", "--out", str(tmp_path / "exp"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "±" in out and "report:" in out  # the demo's summary: mean ± sd over the two seeds, the report
+    # a method that fails (here: its base adapter folder is missing on resume) makes `cairn run` exit non-zero
+    import shutil
+
+    (tmp_path / "exp" / "lora" / "seed-1" / "results.json").unlink()
+    (tmp_path / "exp" / "lora" / "seed-1" / "rounds" / "02-geography" / "round.json").unlink()
+    shutil.rmtree(tmp_path / "exp" / "lora" / "seed-1" / "rounds" / "01-zoology" / "adapter")
+    assert main(["run", str(path), "--seeds", "2", "--out", str(tmp_path / "exp"), "--no-progress"]) == 1
+    assert "seed 1: failed" in capsys.readouterr().out
