@@ -232,7 +232,7 @@ def hub_id(model: str) -> str:
 
 
 def parent_record(base_model: str, k: int, mode: str | None, one_round: bool, run: Path | str | None = None,
-                  method: str | None = None) -> dict:
+                  method: str | None = None, seed: int | None = None) -> dict:
     """``cairn_parent.json`` of round ``k``'s artifact: what it applies to, and how to rebuild that.
 
     ``mode``: a LoRA method's ``sequential`` (``merge``: rounds 1..k-1 merged into the weights; ``stack``:
@@ -251,7 +251,8 @@ def parent_record(base_model: str, k: int, mode: str | None, one_round: bool, ru
               "stacked_adapters_first": parents if mode == "stack" else [], "applies_to": applies,
               "run": str(Path(run).resolve()) if run is not None else None, "method": method, "round": k}
     if run is not None and method is not None:
-        record["rebuild"] = f"cairn export {record['run']} --method {method} --round {k} --merge --out DIR"
+        record["rebuild"] = (f"cairn export {record['run']} --method {method} --round {k}"
+                             + (f" --seed {seed}" if seed is not None else "") + " --merge --out DIR")
     return record
 
 

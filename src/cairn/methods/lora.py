@@ -122,10 +122,11 @@ class LoRA:
 
         with atomic.atomic_dir(ctx.rdir / "adapter", overwrite=True) as tmp:
             save_adapter(model, ctx.k, tmp)
+            seeded = ctx.mdir.path.name.startswith("seed-")  # <run>/<method>/seed-<s>/ or <run>/<method>/
             rundir.write_parent(tmp, rundir.parent_record(
                 ctx.cfg.model, ctx.k, self.cfg.sequential, ctx.method.strategy == "one-round",
-                ctx.mdir.path.parent.parent if ctx.mdir.path.name.startswith("seed-") else ctx.mdir.path.parent,
-                ctx.method.name))
+                ctx.mdir.path.parent.parent if seeded else ctx.mdir.path.parent, ctx.method.name,
+                seed=ctx.seed if seeded else None))
         return merge_adapters(model) if self.cfg.sequential == "merge" else model
 
     def ingredient(self, rdir: Path, k: int) -> Path:
