@@ -220,6 +220,9 @@ def _convert(tp: Any, value: Any, where: str, source: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        real = [a for a in args if a is not type(None)]
+        if len(real) == 1:  # Optional[X]: X's own message names the inner key at fault
+            return _convert(real[0], value, where, source)
         errors = []
         for arg in args:
             if arg is type(None):
@@ -287,7 +290,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise CairnError(f"--set {text!r}: expected KEY=VALUE, e.g. --set training.lr=1e-4")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise CairnError(f"--set {text}: the value is not valid YAML ({getattr(exc, 'problem', exc)}); "
+                         "quote it or fix the brackets") from None
+    return key.strip().split("."), value
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
