@@ -58,3 +58,20 @@ def load_safetensors(path) -> dict:
     except (SafetensorError, OSError) as exc:
         raise CairnError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0]}); it is "
                          "truncated or corrupt: re-save or re-download it") from None
+
+
+# OS errors that mean "the disk cannot take this write": the user fixes them (space, permissions),
+# so they are reported like bad input, and resuming afterwards is safe because artifacts are atomic.
+DISK_ERRNOS = frozenset(getattr(__import__("errno"), n) for n in ("ENOSPC", "EDQUOT", "EACCES", "EPERM", "EROFS")
+                        if hasattr(__import__("errno"), n))
+
+
+def disk_error_message(exc: OSError, step: str | None = None) -> str:
+    where = f" {exc.filename}" if exc.filename else ""
+    during = f" while running {step!r}" if step else ""
+    import errno
+
+    fix = ("free some disk space" if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1))
+           else "make the run directory writable")
+    return (f"cannot write{where}{during}: {exc.strerror or exc}; {fix}, then rerun the same command to resume "
+            "(finished rounds and artifacts are kept)")
