@@ -10,6 +10,7 @@ retention per round. Every function returns the PNG path, or ``None`` when its d
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 from matplotlib.figure import Figure
@@ -28,7 +29,9 @@ def _nan(v: float | None) -> float:
 def _save(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")  # robust: a kill never leaves a truncated PNG
+    fig.savefig(tmp, dpi=DPI, format=path.suffix.lstrip(".") or "png")
+    os.replace(tmp, path)
     return path
 
 
