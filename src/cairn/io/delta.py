@@ -10,7 +10,8 @@ package when installed, else zlib from the standard library; lzma is available t
 inverse, so ``child = parent XOR delta`` restores every bit; a CRC32 of each restored tensor and of
 the parent it was made against is checked on reading, so a corrupt file or the wrong parent is a
 :class:`~cairn.errors.CairnError`, never a silently different model. The codec was chosen by
-``benchmarks/delta_storage.py`` (ratios in the README's "Disk" section).
+``benchmarks/delta_storage.py`` (SmolLM2-135M, 2 full-fine-tuning steps: 2.17x smaller than safetensors
+at lr 1e-5 and 1.77x at lr 1e-4 with zstd or zlib alike; zstd encodes ~6x faster, so it is the default).
 
 No library stores bit-exact weight deltas (safetensors stores whole tensors; lossy delta
 compression such as BitDelta or DARE changes the model), so this format is hand-written. It is one
