@@ -189,7 +189,7 @@ def compare(ref: Path, got: Path, metadata: list[str] | None = None) -> list[str
 def trial(cfg: Path, ref: Path, out: Path, kills: int, ref_seconds: float, rng: random.Random) -> dict:
     phases, moments = [], []
     for _ in range(kills):
-        delay = rng.uniform(0.5, max(1.0, ref_seconds * 0.9))
+        delay = rng.uniform(0.5, max(1.0, ref_seconds * 0.8))
         stale = temp_files(out)  # left by an earlier kill: not what this process was doing
         proc = subprocess.Popen(command(cfg, out), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:

@@ -116,6 +116,8 @@ def save_A_store(path: str | os.PathLike, store: Mapping[int, Mapping[str, torch
             flat[f"round_{rnd}/{module}"] = a.detach().to("cpu").contiguous()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".tmp-{path.name}-*"):  # robust: left by a killed writer
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
     os.close(fd)
     try:

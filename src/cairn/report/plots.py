@@ -9,6 +9,7 @@ retention per round. Every function returns the PNG path, or ``None`` when its d
 
 from __future__ import annotations
 
+import glob
 import math
 import os
 from pathlib import Path
@@ -29,6 +30,8 @@ def _nan(v: float | None) -> float:
 def _save(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
+    for stale in path.parent.glob(f".tmp-{glob.escape(path.name)}-*"):  # robust: left by a killed writer
+        stale.unlink(missing_ok=True)
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")  # robust: a kill never leaves a truncated PNG
     fig.savefig(tmp, dpi=DPI, format=path.suffix.lstrip(".") or "png")
     os.replace(tmp, path)
