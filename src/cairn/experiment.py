@@ -28,7 +28,7 @@ from pathlib import Path
 from cairn import atomic, rundir
 from cairn.config import ExperimentConfig, MethodConfig, to_yaml
 from cairn.data.tasks import Task, load_task
-from cairn.errors import CairnError
+from cairn.errors import DISK_ERRNOS, CairnError, disk_error_message
 from cairn.eval.continual import summarize
 from cairn.eval.task_eval import evaluate_tasks
 from cairn.methods.registry import Method, RoundContext, compose, freeze
@@ -144,6 +144,13 @@ class Runner:
             except CairnError as exc:
                 status[name] = f"failed: {exc}"
                 slog(f"{name} failed: {exc}")
+            except OSError as exc:  # robust guard: a full or read-only disk stops the run (the next step fails too)
+                if exc.errno not in DISK_ERRNOS:
+                    status[name] = f"failed: {type(exc).__name__}: {exc}"
+                    slog(f"{name} crashed:\n{traceback.format_exc()}")
+                    continue
+                slog(f"{name} stopped: {exc}")
+                raise CairnError(disk_error_message(exc, name)) from None
             except Exception as exc:  # keep the other steps' results; the traceback goes to the log
                 status[name] = f"failed: {type(exc).__name__}: {exc}"
                 slog(f"{name} crashed:\n{traceback.format_exc()}")

@@ -108,10 +108,34 @@ def resolve_model_path(spec: str) -> str:
     if path.exists():
         if not (path / "config.json").is_file():
             raise CairnError(f"model directory {path} has no config.json; point at a Hugging Face model folder")
+        check_model_dir(path)  # robust: a corrupt checkpoint fails here, before a run writes anything
         return str(path)
     if spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") != 1:
         raise CairnError(f"model path {spec} does not exist")
     return spec
+
+
+def check_model_dir(path: Path) -> None:
+    """Refuse a local model folder whose config or safetensors headers are unreadable (robust guard).
+
+    Reads only config.json and each weight file's header (safetensors checks that the header covers
+    the file, so a truncated or random-bytes file is caught without loading any tensor).
+    """
+    import json
+
+    try:
+        json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:
+        raise CairnError(f"{path / 'config.json'} is not valid JSON ({exc}); re-save or re-download the model") from None
+    from safetensors import SafetensorError, safe_open
+
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise CairnError(f"{f} is not a readable safetensors file ({exc}); the file is truncated or corrupt: "
+                             "re-save or re-download the model") from None
 
 
 def load_tokenizer(spec: str):
@@ -122,9 +146,30 @@ def load_tokenizer(spec: str):
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as exc:
         raise CairnError(_unknown_model_message(spec, exc)) from None
+    except (ValueError, TypeError, KeyError) as exc:  # robust: missing or corrupt tokenizer files in a folder
+        raise CairnError(f"cannot load the tokenizer of {spec!r} ({str(exc).splitlines()[0]}); the model folder "
+                         "needs tokenizer.json or the slow tokenizer's files (save them with "
+                         "tokenizer.save_pretrained)") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    _check_vocab(spec, path, tokenizer)
     return tokenizer
+
+
+def _check_vocab(spec: str, path: str, tokenizer) -> None:
+    """robust guard: a tokenizer with ids beyond the model's embedding table fails at the first batch."""
+    import json
+
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return
+    try:
+        vocab = json.loads(config.read_text(encoding="utf-8")).get("vocab_size")
+    except ValueError:
+        return
+    if isinstance(vocab, int) and len(tokenizer) > vocab:
+        raise CairnError(f"the tokenizer of {spec!r} has {len(tokenizer)} tokens but the model's config.json says "
+                         f"vocab_size {vocab}: the tokenizer does not belong to this model")
 
 
 def load_model(spec: str, dtype: str = "float32"):
@@ -140,6 +185,8 @@ def load_model(spec: str, dtype: str = "float32"):
 
 
 def _unknown_model_message(spec: str, exc: Exception) -> str:
+    if Path(spec).expanduser().is_dir():
+        return f"cannot load the model folder {spec}: {str(exc).splitlines()[0]}"
     names = ", ".join(BUILTIN_MODELS)
     return (
         f"cannot load model {spec!r}: it is not a built-in name ({names}), not a local model directory, "
