@@ -84,6 +84,20 @@ class TrainingConfig:
     bf16: bool = _help("bf16 autocast (CPU and GPU).", False)
     log_every: int = _help("Log loss terms every N optimizer steps.", 10)
     save_every: int | None = _help("Checkpoint every N optimizer steps for resume (null: only at the end).", None)
+    gradient_checkpointing: bool = _help(
+        "Recompute activations in the backward pass (less memory, ~30% more compute); for large models.", False)
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = _help(
+        "Attention kernel: auto (the model's default), sdpa, eager, or flash_attention_2 (needs the "
+        "flash-attn package and a GPU).", "auto")
+    base_dtype: Literal["float32", "bfloat16"] = _help(
+        "dtype of the FROZEN base weights during LoRA-style training (trainable adapters stay float32); "
+        "bfloat16 halves their memory and implies bf16 autocast.", "float32")
+    load_in_4bit: bool = _help(
+        "Load the frozen base quantised to 4-bit NF4 (QLoRA; LoRA methods only; needs the `quant` extra: "
+        "bitsandbytes).", False)
+    group_by_length: bool = _help(
+        "Within each window of 64 micro-batches of the seeded order, put examples of similar length "
+        "together (less padding; the examples of each optimizer step are unchanged up to the window).", False)
 
 
 @dataclass

@@ -8,3 +8,7 @@ message and exits with status 2, never a traceback; everything else is a bug and
 
 class CairnError(Exception):
     """An error caused by user input; its message is shown as-is by the CLI."""
+
+
+class TrainingDiverged(CairnError):
+    """The training loss (or one of its terms) became NaN/Inf; raised before anything is saved."""

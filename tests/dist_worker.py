@@ -1,0 +1,59 @@
+"""Worker for tests/test_dist.py: train a tiny model with cairn's loop, in whatever world it is
+launched in (plain python = 1 process, torchrun = several), and save the final trainable weights.
+
+Usage: python dist_worker.py MODE BATCH_SIZE GRAD_ACCUM OUT.safetensors
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def main() -> None:
+    from safetensors.torch import save_file
+
+    from cairn import dist
+    from cairn.config import LoraConfig, TrainingConfig
+    from cairn.methods.olora import OLoRALoss, collect_lora_A
+    from cairn.methods.trainable import add_lora_adapter, make_full_trainable
+    from cairn.train.loop import train
+    from conftest import CharTokenizer, make_tiny_llama
+
+    torch.set_num_threads(1)
+    mode, batch_size, grad_accum, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
+    tok = CharTokenizer()
+    examples = [{"prompt": f"Q{i}: what is {i}?", "answer": f" a{i % 3}"} for i in range(16)]
+    parts = []
+    model = make_tiny_llama()
+    if mode == "full":
+        model = make_full_trainable(model)
+    elif mode in ("lora", "replay"):
+        model = add_lora_adapter(model, LoraConfig(r=4, alpha=8, dropout=0.0), 1, 0)
+        if mode == "replay":  # a replay round: the new task plus a sample of an earlier, longer task
+            examples = examples[:10] + [{"prompt": "Old task, much longer prompt " * (1 + i % 3) + f"#{i}:",
+                                         "answer": f" old answer {i}"} for i in range(6)]
+    elif mode == "olora":
+        model = add_lora_adapter(model, LoraConfig(r=4, alpha=8, dropout=0.0), 1, 0)
+        prev = {1: collect_lora_A(model, "round1")}
+        model = add_lora_adapter(model, LoraConfig(r=4, alpha=8, dropout=0.0), 2, 1)
+        parts = [OLoRALoss(prev, lambda1=0.5, lambda2=0.01, adapter_name="round2")]
+    cfg = TrainingConfig(epochs=2, lr=5e-3, batch_size=batch_size, grad_accum=grad_accum, warmup_ratio=0.25,
+                         log_every=1, max_length=48, scheduler="linear")
+    lines: list[str] = []
+    result = train(model, tok, examples, cfg, seed=3, loss_parts=parts, progress=False, log=lines.append)
+    if dist.is_main():
+        trained = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(trained, str(out), metadata={"steps": str(result.steps), "world": str(result.world_size),
+                                               "lrs": ",".join(f"{e['lr']:.8g}" for e in result.log),
+                                               "tokens": str(result.tokens),
+                                               "task": ",".join(f"{e['task']:.6g}" for e in result.log)})
+        print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
