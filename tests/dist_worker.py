@@ -25,6 +25,8 @@ def main() -> None:
     from conftest import CharTokenizer, make_tiny_llama
 
     torch.set_num_threads(1)
+    if sys.argv[1] == "eval":
+        return evaluate(Path(sys.argv[2]))
     mode, batch_size, grad_accum, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
     tok = CharTokenizer()
     examples = [{"prompt": f"Q{i}: what is {i}?", "answer": f" a{i % 3}"} for i in range(16)]
@@ -53,6 +55,29 @@ def main() -> None:
                                                "tokens": str(result.tokens),
                                                "task": ",".join(f"{e['task']:.6g}" for e in result.log)})
         print("\n".join(lines))
+
+
+def evaluate(out: Path) -> None:
+    """Sharded generation and multiple-choice scoring; every process gets the full result."""
+    import json
+
+    from cairn import dist
+    from cairn.eval.generation import generate
+    from cairn.eval.multiple_choice import score_pairs
+    from conftest import CharTokenizer, make_tiny_llama
+
+    if dist.world_size() > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo")
+    tok, model = CharTokenizer(), make_tiny_llama()
+    prompts = [f"Question {i}: " + "x" * (i % 5) for i in range(11)]
+    texts = generate(model, tok, prompts, max_new_tokens=6, batch_size=3, stop=["\n"])
+    questions = [[(f"Q{q}: pick", f" {c}" * (1 + q % 2)) for c in "abc"] for q in range(9)]
+    scores = score_pairs(model, tok, questions, batch_size=2)
+    result = json.dumps({"texts": texts, "scores": scores})
+    gathered = dist.gather_objects([result])
+    assert all(r == [result] for r in gathered), "processes disagree"
+    if dist.is_main():
+        out.write_text(result)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,16 @@ def test_two_processes_equal_one_with_same_global_batch(tmp_path, mode, accum):
         assert torch.allclose(w1[name], w2[name], atol=1e-5), (name, (w1[name] - w2[name]).abs().max())
 
 
+@pytest.mark.skipif(not gloo_available(), reason="torch.distributed with gloo is not available in this torch build")
+def test_sharded_evaluation_equals_one_process(tmp_path):
+    """Generation and multiple-choice scores are identical (bit for bit: each batch is computed as
+    in one process) and every process returns the full result."""
+    _run(["eval", str(tmp_path / "one.json")], nproc=1)
+    _run(["eval", str(tmp_path / "two.json")], nproc=2)
+    one, two = (tmp_path / "one.json").read_text(), (tmp_path / "two.json").read_text()
+    assert '"texts"' in one and one == two
+
+
 def test_dist_helpers_in_one_process(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.delenv("RANK", raising=False)

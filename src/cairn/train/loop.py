@@ -254,7 +254,7 @@ def train(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, initial=start, desc="train", unit="step", leave=False)
-    cast = frozen_linears_in_bf16(raw) if (precision != "float32" and cfg.base_dtype == "float32") \
+    cast = frozen_linears_in_bf16(raw) if (precision != "float32" and cfg.base_dtype == "float32" and not sharded) \
         else contextlib.nullcontext()
     t0 = t_log = time.perf_counter()
     running: dict[str, float] = {}

@@ -48,7 +48,8 @@ def apply_model_settings(model, cfg: TrainingConfig) -> dict:
             raise CairnError(f"training.gradient_checkpointing: {type(hf).__name__} does not support gradient "
                              f"checkpointing; set it to false")
         # non-reentrant: works when the inputs of a checkpointed block need no grad (frozen embeddings)
-        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(hf, "activation_checkpointing_enable", None) or hf.gradient_checkpointing_enable
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         undo["checkpointing"] = True
     if cfg.base_dtype == "bfloat16":
         for p in model.parameters():
@@ -60,7 +61,7 @@ def apply_model_settings(model, cfg: TrainingConfig) -> dict:
 def restore_model_settings(model, undo: dict) -> None:
     hf = hf_model(model)
     if undo.get("checkpointing"):
-        hf.gradient_checkpointing_disable()
+        (getattr(hf, "activation_checkpointing_disable", None) or hf.gradient_checkpointing_disable)()
     if undo.get("attn"):
         hf.set_attn_implementation(undo["attn"])
 
