@@ -48,8 +48,10 @@ def apply_model_settings(model, cfg: TrainingConfig) -> dict:
             raise CairnError(f"training.gradient_checkpointing: {type(hf).__name__} does not support gradient "
                              f"checkpointing; set it to false")
         # non-reentrant: works when the inputs of a checkpointed block need no grad (frozen embeddings)
-        enable = getattr(hf, "activation_checkpointing_enable", None) or hf.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5 name
+            hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         undo["checkpointing"] = True
     if cfg.base_dtype == "bfloat16":
         for p in model.parameters():
