@@ -27,6 +27,8 @@ def main() -> None:
     torch.set_num_threads(1)
     if sys.argv[1] == "eval":
         return evaluate(Path(sys.argv[2]))
+    if sys.argv[1] == "fsdp":
+        return fsdp(Path(sys.argv[2]))
     mode, batch_size, grad_accum, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
     tok = CharTokenizer()
     examples = [{"prompt": f"Q{i}: what is {i}?", "answer": f" a{i % 3}"} for i in range(16)]
@@ -55,6 +57,34 @@ def main() -> None:
                                                "tokens": str(result.tokens),
                                                "task": ",".join(f"{e['task']:.6g}" for e in result.log)})
         print("\n".join(lines))
+
+
+def fsdp(out: Path) -> None:
+    """Full fine-tuning under FSDP full-shard through Accelerate; the main process saves the full
+    state dict as a vanilla checkpoint. Exit code 3 with the message when FSDP cannot run here."""
+    import os
+
+    from cairn import dist
+    from cairn.config import TrainingConfig
+    from cairn.errors import CairnError
+    from cairn.methods.trainable import make_full_trainable
+    from cairn.train.loop import train
+    from conftest import CharTokenizer, make_tiny_llama
+
+    os.environ.update({"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "FULL_SHARD",
+                       "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+                       "FSDP_TRANSFORMER_CLS_TO_WRAP": "LlamaDecoderLayer", "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT",
+                       "FSDP_USE_ORIG_PARAMS": "true", "FSDP_SYNC_MODULE_STATES": "true"})
+    model = make_full_trainable(make_tiny_llama())
+    examples = [{"prompt": f"Q{i}:", "answer": f" a{i % 3}"} for i in range(8)]
+    try:
+        result = train(model, CharTokenizer(), examples, TrainingConfig(max_steps=2, batch_size=2, lr=1e-3,
+                       max_length=32), progress=False, log=lambda s: None)
+    except CairnError as e:
+        print(f"CAIRN-ERROR: {e}")
+        sys.exit(3)
+    if dist.is_main():
+        make_tiny_llama().save_pretrained(out, state_dict=result.state_dict)
 
 
 def evaluate(out: Path) -> None:

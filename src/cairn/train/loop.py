@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -171,7 +172,36 @@ def _accelerator(cfg: TrainingConfig):
     # Each round may ask for a different precision; Accelerate keeps a process-wide state.
     AcceleratorState._reset_state(True)
     bf16 = cfg.bf16 or cfg.base_dtype == "bfloat16"
-    return Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not torch.cuda.is_available())
+    where = os.environ.get("ACCELERATE_CONFIG_FILE") or "the accelerate launch settings"
+    try:
+        accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not torch.cuda.is_available())
+    except (ImportError, ValueError, RuntimeError, NotImplementedError) as e:
+        asked = [b for flag, b in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"))
+                 if os.environ.get(flag, "false").lower() == "true"]
+        what = f" (distributed_type {asked[0]})" if asked else ""
+        raise CairnError(f"cannot set up training from {where}{what}: {str(e).splitlines()[0]}; fix the "
+                         f"accelerate config (see configs/accelerate/; FSDP and DeepSpeed need GPUs) or launch "
+                         f"without it") from None
+    # Accelerate silently falls back to plain multi-CPU DDP when FSDP/DeepSpeed is asked for on a
+    # machine without GPUs; a user would believe the model was sharded.
+    got = accelerator.distributed_type.value
+    for flag, backend in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED")):
+        if os.environ.get(flag, "false").lower() == "true" and got != backend:
+            raise CairnError(f"{where} asks for {backend} (distributed_type) but Accelerate set up {got} on this "
+                             f"machine: {backend} needs GPUs (it is not available on CPU); use "
+                             f"configs/accelerate/ddp-cpu.yaml here, or run on GPUs")
+    return accelerator
+
+
+def _configure_deepspeed(accelerator, cfg: TrainingConfig) -> None:
+    """Tell DeepSpeed the per-process micro-batch, accumulation and clipping (it needs them before
+    ``prepare``, and there is no dataloader to read them from). Needs GPUs: not exercised in CI."""
+    plugin = accelerator.state.deepspeed_plugin
+    ds = plugin.deepspeed_config
+    ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
+    ds["gradient_accumulation_steps"] = cfg.grad_accum
+    ds["train_batch_size"] = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
+    ds["gradient_clipping"] = cfg.max_grad_norm or 0.0
 
 
 def _is_sharded(accelerator) -> bool:
@@ -233,6 +263,14 @@ def train(
     batches = micro_batch_order(len(encoded), global_bs, steps * cfg.grad_accum, seed, lengths)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
+    if sharded and loss_parts:
+        names = ", ".join(type(p).__name__ for p in loss_parts)
+        raise CairnError(f"this method's loss parts ({names}) read whole adapter/router weights, which FSDP and "
+                         f"DeepSpeed ZeRO-3 shard across processes; train it with DDP "
+                         f"(configs/accelerate/ddp.yaml) or ZeRO-2 (configs/accelerate/deepspeed-zero2.yaml)")
+    deepspeed = accelerator.distributed_type.value == "DEEPSPEED"
+    if deepspeed:
+        _configure_deepspeed(accelerator, cfg)
     settings = apply_model_settings(model, cfg)
     raw_model = model
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -282,7 +320,7 @@ def train(
                             loss = task_sum * (world / max(step_targets, 1))
                             if terms:
                                 loss = loss + sum(terms.values()) / cfg.grad_accum
-                        accelerator.backward(loss)
+                        accelerator.backward(loss * cfg.grad_accum if deepspeed else loss)
                     for name, value in (("task", task_sum), *terms.items()):
                         v = float(value.detach())
                         if not math.isfinite(v) and bad is None:
@@ -295,7 +333,7 @@ def train(
                 log_targets += step_targets
                 done = step + 1
                 _check_finite(accelerator, bad, done, world)
-                if cfg.max_grad_norm:
+                if cfg.max_grad_norm and not deepspeed:  # DeepSpeed clips inside its step
                     accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
