@@ -151,3 +151,44 @@ def test_launcher_asking_for_more_processes_warns(monkeypatch):
     assert dist.warn_if_world_mismatch(1) is None
     assert dist._launcher_argv_processes(["accelerate", "launch", "--cpu", "--num_processes", "2", "x.py"]) == 2
     assert dist._launcher_argv_processes(["accelerate", "launch", "--num-processes=3"]) == 3
+
+
+RUN_WORKER = HERE / "dist_run_worker.py"
+
+
+def _run_experiment(method: str, batch_size: int, nproc: int, model_dir: Path, out: Path) -> None:
+    args = [method, str(batch_size), str(model_dir), str(out)]
+    if nproc == 1:
+        cmd = [sys.executable, str(RUN_WORKER), *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(RUN_WORKER), *args]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.skipif(not gloo_available(), reason="torch.distributed with gloo is not available in this torch build")
+@pytest.mark.xfail(strict=False, reason="runner wiring pending: experiment.py must write from the main process only "
+                                        "(is_main + barrier), see cairn.dist")
+@pytest.mark.parametrize("method", ["lora", "olora", "replay"])
+def test_cairn_run_on_two_processes_equals_one(tmp_path, tiny_model_dir, method):
+    """`cairn run` under torchrun: each run file written once (by rank 0), the same results matrix
+    and final adapter weights equal to float tolerance (atol 1e-5) as one process with the same
+    global batch."""
+    import json
+
+    one, two = tmp_path / "one" / "exp", tmp_path / "two" / "exp"
+    _run_experiment(method, 4, 1, tiny_model_dir, one)
+    _run_experiment(method, 2, 2, tiny_model_dir, two)
+    assert not (two.parent / "writes-1.txt").exists(), "rank 1 wrote run files"
+    writes = (two.parent / "writes-0.txt").read_text().splitlines()
+    ref = {line.replace(str(one.resolve()), "") for line in (one.parent / "writes-0.txt").read_text().splitlines()}
+    assert {line.replace(str(two.resolve()), "") for line in writes} == ref
+    r1 = json.loads((one / "m" / "results.json").read_text())
+    r2 = json.loads((two / "m" / "results.json").read_text())
+    assert r1["matrix"] == r2["matrix"]
+    w1, _ = _load(one / "m" / "rounds" / "02-geography" / "adapter" / "round2" / "adapter_model.safetensors")
+    w2, _ = _load(two / "m" / "rounds" / "02-geography" / "adapter" / "round2" / "adapter_model.safetensors")
+    assert w1.keys() == w2.keys() and w1
+    for name in w1:
+        assert torch.allclose(w1[name], w2[name], atol=1e-5), name
