@@ -33,6 +33,7 @@ Accelerate, launched with ``torchrun`` or ``accelerate launch``):
   frozen Linear weights are held in bf16 for the round (speed: autocast would cast them on every
   forward, as it caches casts of trainable weights only) and restored afterwards; the matmuls see
   the same bf16 values either way. ``base_dtype: bfloat16`` keeps them in bf16 for good (memory).
+- AdamW is torch's fused kernel (see :func:`make_optimizer`);
 - a NaN/Inf loss term raises :class:`cairn.errors.TrainingDiverged` naming the step and the term,
   before the optimizer step and before any checkpoint is written.
 """
@@ -204,6 +205,17 @@ def _configure_deepspeed(accelerator, cfg: TrainingConfig) -> None:
     ds["gradient_clipping"] = cfg.max_grad_norm or 0.0
 
 
+def make_optimizer(params: list, cfg: TrainingConfig) -> torch.optim.Optimizer:
+    """AdamW, fused where torch has a fused kernel for the parameters' device (CPU, CUDA).
+
+    The fused kernel updates every tensor in one pass; on a 2-core CPU it took a 135M-parameter
+    step from ~8 s to ~1.5 s (HF Trainer's default optimizer is the same fused AdamW). It rounds
+    differently from the per-tensor loop, so runs are reproducible on the same kernels only.
+    """
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
+
+
 def _is_sharded(accelerator) -> bool:
     from accelerate.utils import DistributedType
 
@@ -273,7 +285,7 @@ def train(
         _configure_deepspeed(accelerator, cfg)
     settings = apply_model_settings(model, cfg)
     raw_model = model
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(params, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw = accelerator.unwrap_model(model)
     # Stepped once per optimizer step by this loop (see the module docstring for why not prepared).
