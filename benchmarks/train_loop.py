@@ -158,13 +158,12 @@ def run_trainer(model, tokenizer, examples, args, bf16: bool) -> tuple[int, floa
     return counted[0], time.perf_counter() - t0
 
 
-def matmul_roofline(seconds: float = 1.5) -> float:
-    """bf16 matmul FLOP/s of this machine now, on shapes like the model's linears."""
+def matmul_roofline(dtype=torch.bfloat16, seconds: float = 1.5) -> float:
+    """Matmul FLOP/s of this machine now in ``dtype``, on shapes like the model's linears."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    a = torch.randn(2048, 576, dtype=torch.bfloat16, device=device)
-    b = torch.randn(576, 1536, dtype=torch.bfloat16, device=device)
-    if device == "cuda":
-        a, b = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device), torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
+    shape = (8192, 8192, 8192) if device == "cuda" else (2048, 576, 1536)
+    a = torch.randn(shape[0], shape[1], dtype=dtype, device=device)
+    b = torch.randn(shape[1], shape[2], dtype=dtype, device=device)
     a @ b
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
@@ -193,8 +192,10 @@ def speed(args) -> None:
     lens = [len(e.input_ids) for e in encode_all(tokenizer, examples, args.max_length)]
     print(f"data: {len(examples)} SFT examples, {min(lens)}-{max(lens)} tokens (mean {statistics.mean(lens):.0f}); "
           f"batch {args.batch_size}, {args.steps} steps, threads {torch.get_num_threads()}", flush=True)
-    roof = matmul_roofline()
-    print(f"bf16 matmul roofline measured now: {roof / 1e9:.0f} GFLOP/s", flush=True)
+    roofs = {"bf16": matmul_roofline(torch.bfloat16), "fp32": matmul_roofline(torch.float32)}
+    print(f"matmul rate measured now: bf16 {roofs['bf16'] / 1e9:.1f} GFLOP/s, fp32 {roofs['fp32'] / 1e9:.1f} GFLOP/s "
+          f"(CPU capability {torch.backends.cpu.get_cpu_capability()}; without AVX512-BF16/AMX, bf16 matmuls are "
+          f"emulated and far slower than fp32)", flush=True)
     runners = {"cairn": run_cairn, "trainer": run_trainer, "plain": run_plain}
     summary = []
     for mode in args.modes.split(","):
@@ -216,12 +217,13 @@ def speed(args) -> None:
                       f"peak RSS {mem.peak / 2**30:.2f} GiB", flush=True)
                 del model
         med = {k: statistics.median(v) for k, v in rates.items()}
-        share = med["cairn"] * flops_per_token / roof
+        share = med["cairn"] * flops_per_token / roofs["bf16"]
+        share_own = med["cairn"] * flops_per_token / roofs["bf16" if bf16 else "fp32"]
         line = (f"{mode}: cairn {med['cairn']:.0f} tok/s, Trainer+PEFT {med['trainer']:.0f}, plain {med['plain']:.0f}; "
                 f"cairn/Trainer = {med['cairn'] / med['trainer']:.2f}x, cairn/plain = {med['cairn'] / med['plain']:.2f}x; "
                 f"peak RSS GiB cairn {peaks['cairn'] / 2**30:.2f} / Trainer {peaks['trainer'] / 2**30:.2f} / "
                 f"plain {peaks['plain'] / 2**30:.2f}; {'MFU' if torch.cuda.is_available() else 'roofline share'} "
-                f"{100 * share:.0f}%")
+                f"{100 * share:.0f}% of bf16 matmul, {100 * share_own:.0f}% of this precision's")
         summary.append(line)
         print(line, flush=True)
     print("\nsummary (medians over repeats)\n" + "\n".join(summary))
