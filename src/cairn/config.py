@@ -75,13 +75,14 @@ class TrainingConfig:
     max_steps: int | None = _help("Stop after this many optimizer steps (overrides epochs).", None)
     lr: float = _help("Peak learning rate.", 1e-4)
     weight_decay: float = _help("AdamW weight decay.", 0.0)
-    batch_size: int = _help("Examples per micro-batch.", 8)
+    batch_size: int = _help("Examples per micro-batch on each process (the global batch is batch_size x "
+                            "processes x grad_accum; steps and epochs count global batches).", 8)
     grad_accum: int = _help("Micro-batches per optimizer step.", 1)
     warmup_ratio: float = _help("Fraction of steps with linear warmup.", 0.1)
     scheduler: Literal["linear", "cosine", "constant"] = _help("LR schedule after warmup.", "linear")
     max_length: int = _help("Truncate prompt+answer to this many tokens (prompt cut from the left).", 512)
     max_grad_norm: float | None = _help("Gradient clipping norm (null: off).", 1.0)
-    bf16: bool = _help("bf16 autocast (CPU and GPU).", False)
+    bf16: bool = _help("bf16 autocast (CPU and GPU); frozen Linear weights are held in bf16 during the round.", False)
     log_every: int = _help("Log loss terms every N optimizer steps.", 10)
     save_every: int | None = _help("Checkpoint every N optimizer steps for resume (null: only at the end).", None)
     gradient_checkpointing: bool = _help(
