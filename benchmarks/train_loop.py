@@ -1,6 +1,6 @@
 """Training throughput of cairn's loop against HF Trainer + PEFT and a plain hand-written loop.
 
-All three train the same model (fresh LoRA adapter, or every weight) with the same settings (batch,
+All three train the same model on the same batches in the same order (fresh LoRA adapter, or every weight) with the same settings (batch,
 lr, AdamW, clipping, answer-only loss, no warmup) on the same SFT-shaped data: an instruction and a
 few solved examples as the prompt (~60-160 tokens, masked) and a short answer. They alternate in
 rounds (A B C, C B A, ...) so machine noise hits all alike; the script prints non-padding tokens/s
@@ -100,13 +100,17 @@ def run_cairn(model, tokenizer, examples, args, bf16: bool) -> tuple[int, float]
     return res.tokens, time.perf_counter() - t0
 
 
-def _batches(encoded, steps, batch_size, pad_id):
+def _order(n: int, args) -> list[list[int]]:
+    """cairn's own seeded micro-batch order (seed 0, one process), fed to every runner."""
+    from cairn.train.loop import micro_batch_order
+
+    return micro_batch_order(n, args.batch_size, args.steps, seed=0)
+
+
+def _batches(encoded, args, pad_id):
     from cairn.data.encode import collate
 
-    order = list(range(len(encoded)))
-    random.Random(0).shuffle(order)
-    for step in range(steps):
-        idx = [order[(step * batch_size + j) % len(order)] for j in range(batch_size)]
+    for idx in _order(len(encoded), args):
         yield collate([encoded[i] for i in idx], pad_id)
 
 
@@ -118,7 +122,7 @@ def run_plain(model, tokenizer, examples, args, bf16: bool) -> tuple[int, float]
     opt = torch.optim.AdamW(params, lr=1e-4)
     tokens = 0
     model.train()
-    for batch in _batches(encoded, args.steps, args.batch_size, tokenizer.pad_token_id):
+    for batch in _batches(encoded, args, tokenizer.pad_token_id):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                          labels=batch["labels"]).loss
@@ -131,14 +135,16 @@ def run_plain(model, tokenizer, examples, args, bf16: bool) -> tuple[int, float]
 
 
 def run_trainer(model, tokenizer, examples, args, bf16: bool) -> tuple[int, float]:
-    """HF Trainer with its defaults (fused AdamW, linear schedule) on the same encoded examples."""
+    """HF Trainer with its defaults (fused AdamW, linear schedule) on the same batches, same order."""
     from transformers import Trainer, TrainingArguments
 
     from cairn.data.encode import collate
 
     t0 = time.perf_counter()
     encoded = encode_all(tokenizer, examples, args.max_length)
-    rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in encoded]
+    # the same batches in the same order as cairn's loop: cairn's order laid out, read sequentially
+    rows = [{"input_ids": encoded[i].input_ids, "labels": encoded[i].labels}
+            for idx in _order(len(encoded), args) for i in idx]
     counted = [0]
 
     def collator(feats):
@@ -154,7 +160,11 @@ def run_trainer(model, tokenizer, examples, args, bf16: bool) -> tuple[int, floa
                                   learning_rate=1e-4, warmup_steps=0, bf16=bf16, use_cpu=not torch.cuda.is_available(),
                                   report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True,
                                   dataloader_num_workers=0, remove_unused_columns=False, max_grad_norm=1.0)
-        Trainer(model=model, args=targs, train_dataset=rows, data_collator=collator).train()
+        class InOrder(Trainer):
+            def _get_train_sampler(self, *a, **k):
+                return torch.utils.data.SequentialSampler(self.train_dataset)
+
+        InOrder(model=model, args=targs, train_dataset=rows, data_collator=collator).train()
     return counted[0], time.perf_counter() - t0
 
 
