@@ -105,16 +105,32 @@ class TrainingConfig:
     max_steps: int | None = _help("Stop after this many optimizer steps (overrides epochs).", None)
     lr: float = _help("Peak learning rate.", 1e-4)
     weight_decay: float = _help("AdamW weight decay.", 0.0)
-    batch_size: int = _help("Examples per micro-batch.", 8)
+    batch_size: int = _help("Examples per micro-batch on each process (the global batch is batch_size x "
+                            "processes x grad_accum; steps and epochs count global batches).", 8)
     grad_accum: int = _help("Micro-batches per optimizer step.", 1)
     warmup_ratio: float = _help("Fraction of steps with linear warmup.", 0.1)
     scheduler: Literal["linear", "cosine", "constant"] = _help("LR schedule after warmup.", "linear")
     max_length: int = _help("Truncate prompt+answer to this many tokens (prompt cut from the left).", 512)
     max_grad_norm: float | None = _help("Gradient clipping norm (null: off).", 1.0)
-    bf16: bool = _help("bf16 autocast (CPU and GPU).", False)
+    bf16: bool = _help("bf16 autocast (CPU and GPU); frozen Linear weights are held in bf16 during the round.", False)
     log_every: int = _help("Log loss terms every N optimizer steps.", 10)
     save_every: int | None = _help("Checkpoint every N optimizer steps for resume (null: no checkpoints, an "
                                    "interrupted round restarts).", None)
+    gradient_checkpointing: bool = _help(
+        "Recompute activations in the backward pass (less memory, ~30% more compute); for large models.", False)
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = _help(
+        "Attention kernel: auto (the model's default), sdpa, eager, or flash_attention_2 (needs the "
+        "flash-attn package and a GPU).", "auto")
+    base_dtype: Literal["float32", "bfloat16"] = _help(
+        "dtype of the FROZEN base weights during LoRA-style training (trainable adapters stay float32); "
+        "bfloat16 halves their memory and implies bf16 autocast.", "float32")
+    load_in_4bit: bool = _help(
+        "Load the frozen base quantised to 4-bit NF4 (QLoRA; LoRA methods only; needs the `quant` extra: "
+        "bitsandbytes).", False)
+    group_by_length: bool = _help(
+        "Within each window of 64 micro-batches of the seeded order, put examples of similar length "
+        "together (less padding; the examples of each optimizer step are unchanged up to the window).", False)
+
 
 
 @dataclass

@@ -172,16 +172,42 @@ def _check_vocab(spec: str, path: str, tokenizer) -> None:
                          f"vocab_size {vocab}: the tokenizer does not belong to this model")
 
 
-def load_model(spec: str, dtype: str = "float32"):
-    """Load a causal LM (weights in ``dtype``) from a model spec; see :func:`resolve_model_path`."""
+def load_model(spec: str, dtype: str = "float32", *, attn_implementation: str = "auto",
+               load_in_4bit: bool = False):
+    """Load a causal LM (weights in ``dtype``) from a model spec; see :func:`resolve_model_path`.
+
+    ``attn_implementation`` (sdpa / eager / flash_attention_2) picks transformers' attention kernel;
+    ``load_in_4bit`` quantises the base to NF4 with bitsandbytes for QLoRA (Dettmers et al. 2023,
+    arXiv:2305.14314): the base is frozen, LoRA adapters train in float32 on top.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(spec)
+    kwargs: dict = {"dtype": getattr(torch, dtype)}
+    if attn_implementation != "auto":
+        from cairn.train.setup import check_attn_implementation
+
+        check_attn_implementation(attn_implementation)
+        kwargs["attn_implementation"] = attn_implementation
+    if load_in_4bit:
+        kwargs["quantization_config"] = quantization_config_4bit()
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as exc:
         raise CairnError(_unknown_model_message(spec, exc)) from None
+
+
+def quantization_config_4bit():
+    """transformers' BitsAndBytesConfig for a QLoRA base (NF4, double quantisation, bf16 compute)."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise CairnError("training.load_in_4bit needs bitsandbytes: install cairn's `quant` extra "
+                         "(`pip install 'cairn[quant]'`, i.e. bitsandbytes), or set load_in_4bit: false")
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
 
 
 def _unknown_model_message(spec: str, exc: Exception) -> str:
