@@ -16,7 +16,8 @@ from cairn import __version__
 from cairn.errors import CairnError
 
 # Order is the order shown by ``cairn --help``.
-COMMAND_MODULES = ["demo", "run", "merge", "mix", "eval", "report", "models"]
+COMMAND_MODULES = ["demo", "run", "merge", "mix", "eval", "report", "models",
+                   "init", "contribute", "ledger"]  # ledger helper: model projects (cairn.ledger)
 
 
 def build_parser() -> argparse.ArgumentParser:
