@@ -184,8 +184,20 @@ def _record_in(conn, *, release: dict, contributions: list[dict], probe: dict | 
             rows.append({"release_id": rel_id, "probe_id": probe_ids[name], "item_scores": items,
                          "score": sum(items) / len(items), "created_at": now()})
     if rows:
-        conn.execute(sa.insert(db.evaluations), rows)
+        conn.execute(_insert_ignoring_duplicates(conn, db.evaluations), rows)
     return rid
+
+
+def _insert_ignoring_duplicates(conn, table):
+    """INSERT that skips rows already there: two contributors racing from one parent may both score the
+    parent on the same probe set; the scores are the same (greedy decoding), so the second is dropped."""
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif conn.dialect.name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:
+        return sa.insert(table)
+    return insert(table).on_conflict_do_nothing()
 
 
 def contribute(project: Project, name: str, parent_name: str, contributor: str, *, data: Path | None = None,

@@ -1,7 +1,8 @@
 """Probe sets: a contributor's held-out questions that stay with the project.
 
 A probe set is a JSONL file of {"prompt", "answer"} rows plus a metric name from
-:mod:`cairn.eval.metrics`. Its rows are stored in the artifact store; every later release is scored
+:mod:`cairn.eval.metrics`. Answers are generated greedily and cut at the first newline when no
+reference answer spans lines (as for the demo tasks: one-line answers). Its rows are stored in the artifact store; every later release is scored
 on it item by item (greedy generation, :func:`cairn.eval.generation.generate`) so that the gate can
 compare releases on the same items.
 """
@@ -60,7 +61,9 @@ def score_items(model, tokenizer, rows: list[dict], metric: str, batch_size: int
     fn = get_metric(metric)
     budget = min(max(len(tokenizer(r["answer"], add_special_tokens=False)["input_ids"]) for r in rows) + 4, 512)
     prompts = [r["prompt"] for r in rows]
-    preds = generate(model, tokenizer, prompts, max_new_tokens=budget, batch_size=batch_size, progress=False)
+    stop = [] if any("\n" in r["answer"] for r in rows) else ["\n"]
+    preds = generate(model, tokenizer, prompts, max_new_tokens=budget, batch_size=batch_size, stop=stop,
+                     progress=False)
     return [float(fn([p], [r["answer"]], [r["prompt"]])) for p, r in zip(preds, rows)]
 
 
