@@ -360,3 +360,29 @@ def test_init_refuses_an_existing_project_and_a_bad_base(project, tmp_path, caps
     assert cli("init", project, "--base", "nowhere/at/all/model") == 2
     assert cli("init", tmp_path / "p2", "--base", tmp_path / "missing") == 2
     assert not (tmp_path / "p2").exists()
+
+
+def test_store_round_trip_on_an_fsspec_url_and_tamper_detection(tmp_path):
+    import fsspec
+
+    from cairn.errors import CairnError
+    from cairn.ledger.store import ArtifactStore
+
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.bin").write_bytes(bytes(range(256)) * 10)
+    (src / "sub" / "b.txt").write_text("hello")
+    store = ArtifactStore("memory://cairn-test-store", create=True)
+    sha = store.put_dir(src)
+    assert store.put_dir(src) == sha  # content-addressed: the same folder, the same name
+    out = store.get_dir(sha, tmp_path / "out")
+    assert (out / "a.bin").read_bytes() == (src / "a.bin").read_bytes() and (out / "sub" / "b.txt").read_text() == "hello"
+    manifest = json.loads(store.get_bytes(sha))
+    fs = fsspec.filesystem("memory")
+    victim = store.object_path(manifest["files"]["sub/b.txt"])
+    fs.pipe(victim, b"hellO")
+    with pytest.raises(CairnError, match="corrupted"):
+        store.get_dir(sha, tmp_path / "again")
+    assert not (tmp_path / "again").exists()
+    with pytest.raises(CairnError, match="unreachable"):
+        ArtifactStore("memory://no-such-store")

@@ -119,6 +119,10 @@ def open_project(path: str | Path) -> Project:
     except json.JSONDecodeError as exc:
         raise CairnError(f"{f} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
     db_url, store_url = _resolve(path, cfg)
+    if db_url.startswith("sqlite:///") and not Path(db_url.removeprefix("sqlite:///")).is_file():
+        # SQLite would silently create an empty file; a missing ledger is an error, not a new one
+        raise CairnError(f"the ledger database {db_url.removeprefix('sqlite:///')} of project {path} is missing; "
+                         "restore it from a backup")
     engine = db.make_engine(db_url)
     db.check_and_migrate(engine, db_url, create=False)
     store = ArtifactStore(store_url)
