@@ -386,3 +386,26 @@ def test_store_round_trip_on_an_fsspec_url_and_tamper_detection(tmp_path):
     assert not (tmp_path / "again").exists()
     with pytest.raises(CairnError, match="unreachable"):
         ArtifactStore("memory://no-such-store")
+
+
+def test_gate_includes_the_old_knowledge_subset(tmp_path, tiny_model_dir):
+    rows = [{"id": str(i), "question": f"Which word comes next {i}?",
+             "choices": {"text": ["fox", "dog", "quick brown"], "label": ["A", "B", "C"]}, "answerKey": "ABC"[i % 3]}
+            for i in range(6)]
+    arc = tmp_path / "data" / "old_knowledge" / "arc_easy" / "test.jsonl"
+    arc.parent.mkdir(parents=True)
+    arc.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(f"max_drop: 20\nold_knowledge: {{tasks: [arc_easy], limit: 4, data_dir: {tmp_path / 'data'}}}\n")
+    project = tmp_path / "proj"
+    assert cli("init", project, "--base", tiny_model_dir, "--policy", policy) == 0
+    ad = make_adapter(tiny_model_dir, tmp_path / "a")
+    assert cli("contribute", project, "--name", "c1", "--from", "base", "--adapter", ad,
+               "--probe", probe_file(tmp_path / "p.jsonl", "p"), "--probe-metric", "exact_match") in (0, 1)
+    c1 = open_project(project).release("c1")
+    row = next(t for t in c1.gate["table"] if t["probe"] == "old:arc_easy")
+    assert row["n"] == 4 and row["metric"] == "acc_norm"
+    assert len(c1.settings["old_knowledge"]["tasks"]["arc_easy"]["items"]) == 4  # kept for its children
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("old_knowledge: {tasks: [arc_easy], limt: 4}\n")
+    assert cli("init", tmp_path / "p2", "--base", tiny_model_dir, "--policy", bad) == 2

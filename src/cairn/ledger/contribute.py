@@ -120,9 +120,35 @@ def _scores(project: Project, release_id: int | None, model, tokenizer, probes: 
     return out
 
 
+def parent_old_knowledge(project: Project, parent, parent_model, tokenizer) -> dict | None:
+    """The parent's old-knowledge items (kept in its settings, else scored now), when the policy asks."""
+    spec = project.policy.old_knowledge
+    if not spec:
+        return None
+    kept = (parent.settings or {}).get("old_knowledge")
+    if kept and kept.get("spec") == spec:
+        return kept["tasks"]
+    from cairn.ledger.old_knowledge import suite_items
+
+    return suite_items(spec, parent_model, tokenizer)
+
+
 def fold_and_gate(project: Project, parent, new_model, tokenizer, new_probe: tuple[str, str, list] | None,
-                  parent_scores: dict, probes: list, rows_of: dict) -> tuple[dict, dict]:
-    """Score ``new_model`` on every live probe (and the new one) and run the gate against the parent."""
+                  parent_scores: dict, probes: list, rows_of: dict, parent_ok: dict | None = None,
+                  settings: dict | None = None) -> tuple[dict, dict]:
+    """Score ``new_model`` on every live probe (and the new one) and run the gate against the parent.
+
+    With an old-knowledge spec in the policy, the suite subset joins the gate and the release's items
+    are written to ``settings["old_knowledge"]``.
+    """
+    old_rows = []
+    if parent_ok is not None:
+        from cairn.ledger.old_knowledge import gate_rows, suite_items
+
+        mine = suite_items(project.policy.old_knowledge, new_model, tokenizer)
+        old_rows = gate_rows(parent_ok, mine)
+        if settings is not None:
+            settings["old_knowledge"] = {"spec": project.policy.old_knowledge, "tasks": mine}
     names = [p.name for p in probes]
     metrics = {p.name: p.metric for p in probes}
     release_scores = {p.name: score_items(new_model, tokenizer, rows_of[p.name], p.metric) for p in probes}
@@ -132,7 +158,7 @@ def fold_and_gate(project: Project, parent, new_model, tokenizer, new_probe: tup
         release_scores[pname] = score_items(new_model, tokenizer, prow, metric)
         rows.append({"probe": pname, "metric": metric, "parent": parent_scores[pname],
                      "release": release_scores[pname], "new": True})
-    return decide(rows, project.policy), release_scores
+    return decide(rows + old_rows, project.policy), release_scores
 
 
 def record(project: Project, *, release: dict, contributions: list[dict], probe: dict | None,
@@ -241,6 +267,7 @@ def contribute(project: Project, name: str, parent_name: str, contributor: str, 
         # The parent is scored before any adapter is merged into it (merging changes weights in place).
         parent_scores = _scores(project, parent.id, parent_model, tokenizer, probes, rows_of)
         parent_scores[name] = score_items(parent_model, tokenizer, probe_rows, metric)
+        parent_ok = parent_old_knowledge(project, parent, parent_model, tokenizer)
         if data is not None:
             log(f"training {name} from release {parent.name} on {len(training_rows)} examples")
             new_model, kind, artifact, train_stats = train_round(project, parent_model, tokenizer, training_rows,
@@ -261,7 +288,7 @@ def contribute(project: Project, name: str, parent_name: str, contributor: str, 
         artifact_sha = project.store.put_dir(artifact)
         settings["weights_sha256"] = fingerprint_model(new_model)
         gate, release_scores = fold_and_gate(project, parent, new_model, tokenizer, (name, metric, probe_rows),
-                                             parent_scores, probes, rows_of)
+                                             parent_scores, probes, rows_of, parent_ok, settings)
     probe_sha = project.store.put_bytes(rows_bytes(probe_rows))
     wall = time.perf_counter() - t0
     contribution = {"name": name, "contributor": contributor, "parent_id": parent.id, "mode": mode, "method": method,
@@ -309,12 +336,14 @@ def merge_releases(project: Project, name: str, sources: list[str], method: str 
         stats = merge_adapters(folders, tmp / "merged", method, mode="per_factor", progress=progress, **params)
         (tmp / "merged" / "cairn_merge.json").unlink(missing_ok=True)  # statistics go to the ledger instead
         parent_scores = _scores(project, parent.id, parent_model, tokenizer, probes, rows_of)
+        parent_ok = parent_old_knowledge(project, parent, parent_model, tokenizer)
         artifact_sha = project.store.put_dir(tmp / "merged")
         new_model = merge_adapter(parent_model, tmp / "merged")
         settings = {"fold": "merge", "method": method, "params": params, "sources": sources,
                     "weights_sha256": fingerprint_model(new_model),
                     "merge_stats": {k: v for k, v in stats.items() if isinstance(v, (int, float, str))}}
-        gate, release_scores = fold_and_gate(project, parent, new_model, tokenizer, None, parent_scores, probes, rows_of)
+        gate, release_scores = fold_and_gate(project, parent, new_model, tokenizer, None, parent_scores, probes, rows_of,
+                                             parent_ok, settings)
     release = {"name": name, "parent_id": parent.id, "kind": "merge", "artifact_sha": artifact_sha,
                "artifact_kind": "adapter", "status": gate["status"], "gate": gate, "settings": settings}
     record(project, release=release, contributions=[], probe=None, parent_scores=parent_scores,

@@ -31,8 +31,13 @@ class Policy:
     confidence: float = 0.95       # two-sided bootstrap interval
     bootstrap: int = 2000          # resamples
     seed: int = 0
+    # Optional old-knowledge suite subset in the gate: {tasks: [...], limit: 50, data_dir, seed, batch_size}
+    old_knowledge: dict | None = None
 
     def validate(self, where: str) -> "Policy":
+        from cairn.ledger.old_knowledge import check_spec
+
+        check_spec(self.old_knowledge, where)
         if not self.max_drop >= 0:
             raise CairnError(f"{where}: max_drop must be >= 0 points, got {self.max_drop}")
         if self.action not in ("reject", "flag"):
