@@ -409,3 +409,20 @@ def test_gate_includes_the_old_knowledge_subset(tmp_path, tiny_model_dir):
     bad = tmp_path / "bad.yaml"
     bad.write_text("old_knowledge: {tasks: [arc_easy], limt: 4}\n")
     assert cli("init", tmp_path / "p2", "--base", tiny_model_dir, "--policy", bad) == 2
+
+
+def test_merge_folds_sibling_adapters_into_one_gated_release(project_with_c1, tmp_path, tiny_model_dir, capsys):
+    ad = make_adapter(tiny_model_dir, tmp_path / "a-sib", seed=9)
+    assert cli("contribute", project_with_c1, "--name", "c2", "--from", "base", "--adapter", ad,
+               "--probe", probe_file(tmp_path / "p2.jsonl", "s"), "--probe-metric", "exact_match") == 0
+    assert cli("ledger", "merge", project_with_c1, "--name", "both", "--releases", "c1", "c2", "--method", "linear") == 0
+    proj = open_project(project_with_c1)
+    both = proj.release("both")
+    assert both.kind == "merge" and proj.release_by_id(both.parent_id).name == "base"
+    assert both.settings["sources"] == ["c1", "c2"]
+    assert sorted(t["probe"] for t in both.gate["table"]) == ["c1", "c2"]  # gated on both contributors' probes
+    assert cli("ledger", "export", project_with_c1, "both", "--out", tmp_path / "both") == 0  # it builds
+    before = dump(project_with_c1)
+    assert cli("ledger", "merge", project_with_c1, "--name", "x", "--releases", "c1", "nope") == 2
+    assert cli("ledger", "merge", project_with_c1, "--name", "c2", "--releases", "c1", "both") == 2  # name taken
+    assert dump(project_with_c1) == before
