@@ -55,22 +55,25 @@ A=$(train_adapter zoology "$W/zoology/release" 2e-3 6)
 $CAIRN contribute "$W/project" --name zoology --from base --adapter "$A" --contributor ana \
   --probe "$W/zoology/probe.jsonl" --probe-metric exact_match --fingerprint-data "$W/zoology"
 
-# 3. Bo adds geography on top of Ana's release, gently (low learning rate): kept.
+# 3. Bo adds geography on top of Ana's release. Sequential LoRA overwrites part of what the model
+#    knew about Ana's creatures (the seed paper's forgetting): the gate rejects it (exit status 1; the
+#    release stays in the ledger, marked rejected, with the table that shows why).
 $CAIRN ledger export "$W/project" zoology --out "$W/geography/release"
 B=$(train_adapter geography "$W/geography/release" 1e-3 4)
 $CAIRN contribute "$W/project" --name geography --from zoology --adapter "$B" --contributor bo \
-  --probe "$W/geography/probe.jsonl" --probe-metric exact_match --fingerprint-data "$W/geography" || true
+  --probe "$W/geography/probe.jsonl" --probe-metric exact_match --fingerprint-data "$W/geography" \
+  || echo "(geography: rejected by the gate)"
 
-# 4. Cy adds inventions on top of Bo's release with an aggressive schedule: it overwrites what the
-#    model knew about creatures and towns, and the gate rejects it (exit status 1, recorded).
-$CAIRN ledger export "$W/project" geography --out "$W/inventions/release"
-C=$(train_adapter inventions "$W/inventions/release" 1e-2 10)
-$CAIRN contribute "$W/project" --name inventions --from geography --adapter "$C" --contributor cy \
+# 4. Cy adds inventions, also on top of Ana's release (a rejected release cannot be built on).
+$CAIRN ledger export "$W/project" zoology --out "$W/inventions/release"
+C=$(train_adapter inventions "$W/inventions/release" 1e-3 4)
+$CAIRN contribute "$W/project" --name inventions --from zoology --adapter "$C" --contributor cy \
   --probe "$W/inventions/probe.jsonl" --probe-metric exact_match --fingerprint-data "$W/inventions" \
-  || echo "(inventions: rejected by the gate, exit $?)"
+  || echo "(inventions: rejected by the gate)"
 
 # 5. Look at it.
 $CAIRN ledger "$W/project"
 $CAIRN ledger tree "$W/project"
 $CAIRN ledger diff "$W/project" zoology geography
+$CAIRN ledger show "$W/project" geography
 $CAIRN ledger report "$W/project"
