@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Walk-through of a model project on the built-in model (SmolLM2-135M): three contributors add the
 # three demo domains (invented facts) as LoRA adapters, each trained on their own machine from the
-# release they name; the gate rejects the one that makes the model forget what came before.
+# release they name; the gate rejects a release that makes the model forget what came before.
+# Observed on a busy 2-core CPU (max drop 15 points; ~50 min there, ~15 on an idle one): zoology
+# accepted (its probe 0 -> 100); geography and inventions, each trained from zoology, both rejected:
+# zoology's probe fell 100 -> 62.5 (-37.5, interval [-62.5, -12.5]); sequential LoRA forgets.
 #
-#   bash scripts/ledger_walkthrough.sh [WORKDIR]      (default: runs/ledger-walkthrough; ~15 min on 2 CPU cores)
+#   bash scripts/ledger_walkthrough.sh [WORKDIR]      (default: runs/ledger-walkthrough)
 #
 # Uses `cairn` from PATH (set CAIRN="python -m cairn.cli" to override).
 set -euo pipefail
