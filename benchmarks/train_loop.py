@@ -1,82 +1,294 @@
-"""Training throughput of cairn's loop against a plain PEFT + transformers loop, same run.
+"""Training throughput of cairn's loop against HF Trainer + PEFT and a plain hand-written loop.
 
-Both loops train a fresh LoRA adapter (same rank, targets, seed, optimizer, batches) on the built-in
-model over the demo tasks' training examples. They alternate in rounds (A B A B ...) so machine noise
-hits both alike, and the script prints tokens/s of each and the ratio cairn / plain. Tokens counted
-are non-padding tokens in both. Usage:
+All three train the same model on the same batches in the same order (fresh LoRA adapter, or every weight) with the same settings (batch,
+lr, AdamW, clipping, answer-only loss, no warmup) on the same SFT-shaped data: an instruction and a
+few solved examples as the prompt (~60-160 tokens, masked) and a short answer. They alternate in
+rounds (A B C, C B A, ...) so machine noise hits all alike; the script prints non-padding tokens/s
+of each, the ratios cairn / Trainer+PEFT and cairn / plain loop, each run's peak RSS, and the share
+of the bf16 matmul roofline, measured in the same process, that cairn's training FLOPs reach
+(LoRA: 4 x matmul params per token, full: 6 x; the output layer is left out). With a CUDA GPU it
+prints MFU against the GPU's measured bf16 matmul rate the same way.
 
-    python benchmarks/train_loop.py [--model smollm2-135m] [--steps 6] [--repeats 2] [--full]
+    python benchmarks/train_loop.py [--modes lora-fp32,lora-bf16,full-fp32,full-bf16] [--steps 4]
+    python benchmarks/train_loop.py --processes 2   # 1 vs 2 processes (torchrun, gloo), same global batch
+
+Timings on a shared machine are noisy: read the ratios, and rerun with more --repeats to be sure.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import random
 import statistics
+import subprocess
+import sys
+import tempfile
+import threading
 import time
+from pathlib import Path
 
 import torch
 
+MODES = ("lora-fp32", "lora-bf16", "full-fp32", "full-bf16")
 
-def plain_loop(model, tokenizer, examples, steps: int, batch_size: int, lr: float) -> tuple[int, float]:
-    """The loop a PEFT user writes by hand: tokenize, mask the prompt, model(labels=...), AdamW."""
+
+def sft_examples(n: int = 48, seed: int = 0) -> list[dict]:
+    """Prompted examples: an instruction, 2-6 solved questions as context, then the question."""
+    from cairn.data.demo import generate_domain
+
+    pool = generate_domain("zoology", entities=16)["train"] + generate_domain("geography", entities=16)["train"]
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        ex = pool[i % len(pool)]
+        shots = rng.sample(pool, rng.randint(2, 6))
+        context = "".join(f"{s['prompt']}{s['answer']}\n\n" for s in shots)
+        out.append({"prompt": "Answer the question about the fictional world briefly.\n\n" + context + ex["prompt"],
+                    "answer": ex["answer"]})
+    return out
+
+
+class PeakRSS:
+    """Peak resident memory of this process while inside (sampled every 20 ms)."""
+
+    def __enter__(self):
+        import psutil
+
+        self.proc, self.peak, self.stop = psutil.Process(), 0, False
+
+        def poll():
+            while not self.stop:
+                self.peak = max(self.peak, self.proc.memory_info().rss)
+                time.sleep(0.02)
+
+        self.thread = threading.Thread(target=poll, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop = True
+        self.thread.join()
+
+
+def fresh_model(name: str, mode: str):
+    from cairn.config import LoraConfig
+    from cairn.methods.trainable import add_lora_adapter, make_full_trainable
+    from cairn.models import load_model
+
+    model = load_model(name)
+    if mode.startswith("lora"):
+        return add_lora_adapter(model, LoraConfig(r=8, alpha=16, dropout=0.0, target_modules="all-linear"), 1, 0)
+    return make_full_trainable(model)
+
+
+def encode_all(tokenizer, examples, max_length):
+    from cairn.data.encode import encode_example
+
+    return [encode_example(tokenizer, ex, max_length) for ex in examples]
+
+
+def run_cairn(model, tokenizer, examples, args, bf16: bool) -> tuple[int, float]:
+    from cairn.config import TrainingConfig
+    from cairn.train.loop import train
+
+    cfg = TrainingConfig(max_steps=args.steps, batch_size=args.batch_size, lr=1e-4, warmup_ratio=0.0,
+                         log_every=10**9, max_length=args.max_length, bf16=bf16, max_grad_norm=1.0)
+    t0 = time.perf_counter()
+    res = train(model, tokenizer, examples, cfg, progress=False, log=lambda s: None)
+    return res.tokens, time.perf_counter() - t0
+
+
+def _order(n: int, args) -> list[list[int]]:
+    """cairn's own seeded micro-batch order (seed 0, one process), fed to every runner."""
+    from cairn.train.loop import micro_batch_order
+
+    return micro_batch_order(n, args.batch_size, args.steps, seed=0)
+
+
+def _batches(encoded, args, pad_id):
+    from cairn.data.encode import collate
+
+    for idx in _order(len(encoded), args):
+        yield collate([encoded[i] for i in idx], pad_id)
+
+
+def run_plain(model, tokenizer, examples, args, bf16: bool) -> tuple[int, float]:
+    """The loop a PEFT user writes by hand: model(labels=...), AdamW defaults, autocast for bf16."""
+    t0 = time.perf_counter()
+    encoded = encode_all(tokenizer, examples, args.max_length)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr)
+    opt = torch.optim.AdamW(params, lr=1e-4)
     tokens = 0
     model.train()
-    t0 = time.perf_counter()
-    for step in range(steps):
-        chunk = examples[(step * batch_size) % len(examples):][:batch_size]
-        ids, labels = [], []
-        for ex in chunk:
-            p = tokenizer(ex["prompt"])["input_ids"]
-            a = tokenizer(ex["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            ids.append(p + a)
-            labels.append([-100] * len(p) + a)
-        width = max(map(len, ids))
-        input_ids = torch.tensor([x + [tokenizer.pad_token_id] * (width - len(x)) for x in ids])
-        label_t = torch.tensor([x + [-100] * (width - len(x)) for x in labels])
-        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
-        loss = model(input_ids=input_ids, attention_mask=mask, labels=label_t).loss
+    for batch in _batches(encoded, args, tokenizer.pad_token_id):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         labels=batch["labels"]).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        tokens += int(mask.sum())
+        tokens += int(batch["attention_mask"].sum())
     return tokens, time.perf_counter() - t0
+
+
+def run_trainer(model, tokenizer, examples, args, bf16: bool) -> tuple[int, float]:
+    """HF Trainer with its defaults (fused AdamW, linear schedule) on the same batches, same order."""
+    from transformers import Trainer, TrainingArguments
+
+    from cairn.data.encode import collate
+
+    t0 = time.perf_counter()
+    encoded = encode_all(tokenizer, examples, args.max_length)
+    # the same batches in the same order as cairn's loop: cairn's order laid out, read sequentially
+    rows = [{"input_ids": encoded[i].input_ids, "labels": encoded[i].labels}
+            for idx in _order(len(encoded), args) for i in idx]
+    counted = [0]
+
+    def collator(feats):
+        from cairn.data.encode import Encoded
+
+        batch = collate([Encoded(f["input_ids"], f["labels"]) for f in feats], tokenizer.pad_token_id)
+        batch.pop("is_world_knowledge", None)
+        counted[0] += int(batch["attention_mask"].sum())
+        return batch
+
+    with tempfile.TemporaryDirectory() as out:
+        targs = TrainingArguments(output_dir=out, per_device_train_batch_size=args.batch_size, max_steps=args.steps,
+                                  learning_rate=1e-4, warmup_steps=0, bf16=bf16, use_cpu=not torch.cuda.is_available(),
+                                  report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True,
+                                  dataloader_num_workers=0, remove_unused_columns=False, max_grad_norm=1.0)
+        class InOrder(Trainer):
+            def _get_train_sampler(self, *a, **k):
+                return torch.utils.data.SequentialSampler(self.train_dataset)
+
+        InOrder(model=model, args=targs, train_dataset=rows, data_collator=collator).train()
+    return counted[0], time.perf_counter() - t0
+
+
+def matmul_roofline(dtype=torch.bfloat16, seconds: float = 1.5) -> float:
+    """Matmul FLOP/s of this machine now in ``dtype``, on shapes like the model's linears."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    shape = (8192, 8192, 8192) if device == "cuda" else (2048, 576, 1536)
+    a = torch.randn(shape[0], shape[1], dtype=dtype, device=device)
+    b = torch.randn(shape[1], shape[2], dtype=dtype, device=device)
+    a @ b
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        n += 1
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 2 * a.shape[0] * a.shape[1] * b.shape[1] * n / (time.perf_counter() - t0)
+
+
+def matmul_params(model) -> int:
+    """Parameters of the transformer blocks' linear layers (the per-token matmul work; LoRA's own
+    rank-r factors and the output layer are left out)."""
+    from torch import nn
+
+    head = model.get_output_embeddings()
+    return sum(m.weight.numel() for m in model.modules()
+               if isinstance(m, nn.Linear) and m is not head and min(m.weight.shape) > 64)
+
+
+def speed(args) -> None:
+    from cairn.models import load_tokenizer
+
+    tokenizer = load_tokenizer(args.model)
+    examples = sft_examples()
+    lens = [len(e.input_ids) for e in encode_all(tokenizer, examples, args.max_length)]
+    print(f"data: {len(examples)} SFT examples, {min(lens)}-{max(lens)} tokens (mean {statistics.mean(lens):.0f}); "
+          f"batch {args.batch_size}, {args.steps} steps, threads {torch.get_num_threads()}", flush=True)
+    roofs = {"bf16": matmul_roofline(torch.bfloat16), "fp32": matmul_roofline(torch.float32)}
+    print(f"matmul rate measured now: bf16 {roofs['bf16'] / 1e9:.1f} GFLOP/s, fp32 {roofs['fp32'] / 1e9:.1f} GFLOP/s "
+          f"(CPU capability {torch.backends.cpu.get_cpu_capability()}; without AVX512-BF16/AMX, bf16 matmuls are "
+          f"emulated and far slower than fp32)", flush=True)
+    runners = {"cairn": run_cairn, "trainer": run_trainer, "plain": run_plain}
+    summary = []
+    for mode in args.modes.split(","):
+        bf16 = mode.endswith("bf16")
+        rates: dict[str, list[float]] = {k: [] for k in runners}
+        peaks: dict[str, int] = {k: 0 for k in runners}
+        flops_per_token = None
+        for r in range(args.repeats):
+            names = list(runners) if r % 2 == 0 else list(reversed(runners))
+            for name in names:
+                model = fresh_model(args.model, mode)
+                if flops_per_token is None:
+                    flops_per_token = (4 if mode.startswith("lora") else 6) * matmul_params(model)
+                with PeakRSS() as mem:
+                    tokens, secs = runners[name](model, tokenizer, examples, args, bf16)
+                rates[name].append(tokens / secs)
+                peaks[name] = max(peaks[name], mem.peak)
+                print(f"  {mode} repeat {r} {name:>7}: {tokens} tokens in {secs:.1f}s = {tokens / secs:.1f} tok/s, "
+                      f"peak RSS {mem.peak / 2**30:.2f} GiB", flush=True)
+                del model
+        med = {k: statistics.median(v) for k, v in rates.items()}
+        share = med["cairn"] * flops_per_token / roofs["bf16"]
+        share_own = med["cairn"] * flops_per_token / roofs["bf16" if bf16 else "fp32"]
+        line = (f"{mode}: cairn {med['cairn']:.0f} tok/s, Trainer+PEFT {med['trainer']:.0f}, plain {med['plain']:.0f}; "
+                f"cairn/Trainer = {med['cairn'] / med['trainer']:.2f}x, cairn/plain = {med['cairn'] / med['plain']:.2f}x; "
+                f"peak RSS GiB cairn {peaks['cairn'] / 2**30:.2f} / Trainer {peaks['trainer'] / 2**30:.2f} / "
+                f"plain {peaks['plain'] / 2**30:.2f}; {'MFU' if torch.cuda.is_available() else 'roofline share'} "
+                f"{100 * share:.0f}% of bf16 matmul, {100 * share_own:.0f}% of this precision's")
+        summary.append(line)
+        print(line, flush=True)
+    print("\nsummary (medians over repeats)\n" + "\n".join(summary))
+
+
+def processes(args) -> None:
+    """1 vs N processes of cairn's loop at the same global batch (torchrun, gloo on CPU)."""
+    results = {}
+    for nproc in (1, args.processes):
+        env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // nproc)))
+        out = Path(tempfile.mkstemp(suffix=".json")[1])
+        worker = [str(Path(__file__).resolve()), "--worker", str(out), "--model", args.model, "--steps", str(args.steps),
+                  "--batch-size", str(args.batch_size // nproc), "--modes", args.modes.split(",")[0]]
+        cmd = ([sys.executable] if nproc == 1 else
+               [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]) + worker
+        subprocess.run(cmd, env=env, check=True)
+        results[nproc] = json.loads(out.read_text())
+        out.unlink()
+        print(f"{nproc} process(es): {results[nproc]['tokens']} tokens in {results[nproc]['seconds']:.1f}s = "
+              f"{results[nproc]['tokens'] / results[nproc]['seconds']:.1f} tok/s", flush=True)
+    r1, rn = (results[n]["tokens"] / results[n]["seconds"] for n in (1, args.processes))
+    print(f"\n{args.processes} processes / 1 process = {rn / r1:.2f}x at global batch {args.batch_size} "
+          f"({os.cpu_count()} CPU cores: processes split the same cores, so on a small machine this shows the "
+          f"cost of gradient all-reduce, not a speed-up; the speed-up needs one device per process)")
+
+
+def worker(args) -> None:
+    from cairn import dist
+    from cairn.models import load_tokenizer
+
+    tokenizer = load_tokenizer(args.model)
+    mode = args.modes.split(",")[0]
+    model = fresh_model(args.model, mode)
+    tokens, secs = run_cairn(model, tokenizer, sft_examples(), args, mode.endswith("bf16"))
+    if dist.is_main():
+        Path(args.worker).write_text(json.dumps({"tokens": tokens, "seconds": secs}))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--processes", type=int, default=0, help="compare 1 vs N processes instead")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-
-    from cairn.config import LoraConfig, TrainingConfig
-    from cairn.data.demo import generate_domain
-    from cairn.methods.trainable import add_lora_adapter
-    from cairn.models import load_model, load_tokenizer
-    from cairn.train.loop import train
-
-    tokenizer = load_tokenizer(args.model)
-    examples = generate_domain("zoology", entities=16)["train"]
-    lora = LoraConfig(r=16, alpha=32, dropout=0.0)
-    cfg = TrainingConfig(max_steps=args.steps, batch_size=args.batch_size, lr=1e-3, warmup_ratio=0.0,
-                         log_every=10**9, max_length=128)
-    rates: dict[str, list[float]] = {"cairn": [], "plain": []}
-    for r in range(args.repeats):
-        for name in ("cairn", "plain") if r % 2 == 0 else ("plain", "cairn"):
-            model = add_lora_adapter(load_model(args.model), lora, 1, seed=0)
-            if name == "cairn":
-                res = train(model, tokenizer, examples, cfg, progress=False, log=lambda s: None)
-                tokens, secs = res.tokens, res.seconds
-            else:
-                tokens, secs = plain_loop(model, tokenizer, examples, args.steps, args.batch_size, 1e-3)
-            rates[name].append(tokens / secs)
-            print(f"repeat {r} {name:>5}: {tokens} tokens in {secs:.1f}s = {tokens / secs:.1f} tokens/s", flush=True)
-    cairn, plain = statistics.median(rates["cairn"]), statistics.median(rates["plain"])
-    print(f"\nmedian tokens/s: cairn {cairn:.1f}, plain PEFT loop {plain:.1f}; ratio cairn/plain = {cairn / plain:.2f}x")
+    if args.worker:
+        worker(args)
+    elif args.processes:
+        processes(args)
+    else:
+        speed(args)
 
 
 if __name__ == "__main__":

@@ -62,7 +62,10 @@ def test_streamed_merge_equals_in_memory_and_reloads(tiny, tmp_path, method):
     reloaded = AutoModelForCausalLM.from_pretrained(out).state_dict()
     for name, b in base.items():
         expected, _ = merge_tensor(spec, [m[name] for m in models], b, generators=tensor_generators(0, name, 2))
-        assert torch.equal(reloaded[name], expected), name
+        # Streaming cuts tensors into 700-element chunks, so elements fall in other SIMD lanes/tails than
+        # in the whole-tensor merge; kernels may fuse multiply-adds differently there (a 1-ulp change).
+        # A few float32 ulps of tolerance; a chunking bug (wrong offsets, masks, thresholds) is far larger.
+        torch.testing.assert_close(reloaded[name], expected, rtol=4e-7, atol=1e-7, msg=name)
     if method == "ties":
         assert abs(summary["fraction_trimmed"] - 0.7) < 0.01
         assert summary["sign_conflicts_resolved"] > 0

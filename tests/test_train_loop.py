@@ -162,3 +162,81 @@ def test_answer_only_loss_equals_stock_loss(char_tokenizer):
     peft_model = add_lora_adapter(model, LoraConfig(r=2, alpha=4, dropout=0.0), 1, 0)
     ours_peft, _ = answer_only_loss(peft_model, batch)
     assert torch.allclose(ours_peft, stock, atol=1e-6)
+
+
+def test_log_fn_gets_every_term_lr_and_throughput(char_tokenizer):
+    seen = []
+    model = make_full_trainable(make_tiny_llama())
+    train(model, char_tokenizer, EXAMPLES, _cfg(max_steps=4, log_every=2), progress=False, log=lambda s: None,
+          log_fn=lambda metrics, step: seen.append((step, metrics)))
+    assert [s for s, _ in seen] == [2, 4]
+    for _, metrics in seen:
+        assert {"task", "lr", "tokens_per_second"} <= set(metrics)
+        assert metrics["tokens_per_second"] > 0 and metrics["task"] > 0
+
+
+def test_nan_loss_raises_training_diverged_before_saving(tmp_path, char_tokenizer):
+    from cairn.errors import CairnError, TrainingDiverged
+
+    class Poison:
+        def extra_loss(self, model, batch, outputs):
+            return {"poison": torch.tensor(float("nan"))}
+
+    model = make_full_trainable(make_tiny_llama())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(TrainingDiverged, match=r"step 1: loss term poison = nan") as info:
+        train(model, char_tokenizer, EXAMPLES, _cfg(max_steps=3, save_every=1), checkpoint_dir=ckpt,
+              loss_parts=[Poison()], progress=False, log=lambda s: None)
+    assert isinstance(info.value, CairnError)
+    assert not ckpt.exists()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # no optimizer step taken
+
+
+def test_global_token_normalisation_with_accumulation(char_tokenizer):
+    """batch 2 x accumulation 2 == batch 4 x accumulation 1: the loss is the mean over the answer
+    tokens of the whole optimizer step, not a mean of micro-batch means (float tolerance 1e-6)."""
+    finals = []
+    for bs, accum in ((4, 1), (2, 2)):
+        model = make_full_trainable(make_tiny_llama())
+        train(model, char_tokenizer, EXAMPLES, _cfg(max_steps=3, batch_size=bs, grad_accum=accum, max_grad_norm=None),
+              seed=2, progress=False, log=lambda s: None)
+        finals.append(dict(model.named_parameters()))
+    for n, p in finals[0].items():
+        assert torch.allclose(p, finals[1][n], atol=1e-6), n
+
+
+def test_bf16_frozen_base_cast_keeps_the_loss(char_tokenizer):
+    """Holding frozen Linear weights in bf16 under autocast gives the matmuls the values autocast
+    would give them: the loss agrees with plain autocast to bf16 rounding of the sum order (1e-3)."""
+    from cairn.train.loop import answer_only_loss
+    from cairn.train.setup import frozen_linears_in_bf16
+
+    model = add_lora_adapter(make_tiny_llama(), LoraConfig(r=4, alpha=8, dropout=0.0), 1, 0)
+    batch = collate([encode_example(char_tokenizer, ex, 32) for ex in EXAMPLES[:6]], char_tokenizer.pad_token_id)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain, _ = answer_only_loss(model, batch)
+        with frozen_linears_in_bf16(model) as n:
+            cast, _ = answer_only_loss(model, batch)
+    assert n > 0
+    assert abs(float(plain) - float(cast)) < 1e-3, (float(plain), float(cast))
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # restored afterwards
+
+
+def test_large_model_settings(char_tokenizer):
+    from cairn.errors import CairnError
+
+    model = add_lora_adapter(make_tiny_llama(), LoraConfig(r=4, alpha=8, dropout=0.0), 1, 0)
+    cfg = _cfg(max_steps=2, gradient_checkpointing=True, attn_implementation="eager", base_dtype="bfloat16")
+    result = train(model, char_tokenizer, EXAMPLES, cfg, progress=False, log=lambda s: None)
+    assert result.steps == 2 and all(map(torch.isfinite, (torch.tensor(e["task"]) for e in result.log)))
+    frozen = [p for p in model.parameters() if not p.requires_grad and p.dim() == 2]
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    assert not model.get_base_model().is_activation_checkpointing  # undone after the round
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is None:
+        with pytest.raises(CairnError, match="attn_implementation: flash_attention_2 needs the flash-attn"):
+            train(make_full_trainable(make_tiny_llama()), char_tokenizer, EXAMPLES,
+                  _cfg(max_steps=1, attn_implementation="flash_attention_2"), progress=False, log=lambda s: None)

@@ -8,6 +8,7 @@ one, plus at worst a ``.tmp-*`` sibling that the next write cleans up.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -16,10 +17,19 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
-def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temp file in the same directory, then rename)."""
+def _prepare(path: str | os.PathLike) -> Path:
+    """``path`` as a Path, its folder created and a killed writer's temp files for it removed (one writer per run)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".tmp-{glob.escape(path.name)}-*"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
+    return path
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (temp file in the same directory, then rename)."""
+    path = _prepare(path)
     fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -41,8 +51,7 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in ``path``'s folder that replaces ``path`` only if the block finishes."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = _prepare(path)
     fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
     os.close(fd)
     try:

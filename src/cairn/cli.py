@@ -20,8 +20,7 @@ import sys
 from cairn import __version__
 from cairn.errors import CairnError
 
-# Order is the order shown by ``cairn --help``; a module not built yet (the ledger's init, contribute
-# and ledger commands) is skipped, so it appears once its file lands.
+# Order is the order shown by ``cairn --help``.
 COMMAND_MODULES = ["demo", "run", "merge", "mix", "eval", "report", "export", "init", "contribute", "ledger",
                    "models", "config"]
 
@@ -69,13 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also the libraries' info messages (transformers, accelerate, datasets, hub)")
     sub = _Subparsers(parser.add_subparsers(dest="command", metavar="COMMAND"))
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"cairn.commands.{name}")
-        except ModuleNotFoundError as exc:  # a command not built yet is simply not offered
-            if exc.name == f"cairn.commands.{name}":
-                continue
-            raise
-        module.register(sub)
+        importlib.import_module(f"cairn.commands.{name}").register(sub)
     return parser
 
 

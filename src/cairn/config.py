@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -104,16 +105,32 @@ class TrainingConfig:
     max_steps: int | None = _help("Stop after this many optimizer steps (overrides epochs).", None)
     lr: float = _help("Peak learning rate.", 1e-4)
     weight_decay: float = _help("AdamW weight decay.", 0.0)
-    batch_size: int = _help("Examples per micro-batch.", 8)
+    batch_size: int = _help("Examples per micro-batch on each process (the global batch is batch_size x "
+                            "processes x grad_accum; steps and epochs count global batches).", 8)
     grad_accum: int = _help("Micro-batches per optimizer step.", 1)
     warmup_ratio: float = _help("Fraction of steps with linear warmup.", 0.1)
     scheduler: Literal["linear", "cosine", "constant"] = _help("LR schedule after warmup.", "linear")
     max_length: int = _help("Truncate prompt+answer to this many tokens (prompt cut from the left).", 512)
     max_grad_norm: float | None = _help("Gradient clipping norm (null: off).", 1.0)
-    bf16: bool = _help("bf16 autocast (CPU and GPU).", False)
+    bf16: bool = _help("bf16 autocast (CPU and GPU); frozen Linear weights are held in bf16 during the round.", False)
     log_every: int = _help("Log loss terms every N optimizer steps.", 10)
     save_every: int | None = _help("Checkpoint every N optimizer steps for resume (null: no checkpoints, an "
                                    "interrupted round restarts).", None)
+    gradient_checkpointing: bool = _help(
+        "Recompute activations in the backward pass (less memory, ~30% more compute); for large models.", False)
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = _help(
+        "Attention kernel: auto (the model's default), sdpa, eager, or flash_attention_2 (needs the "
+        "flash-attn package and a GPU).", "auto")
+    base_dtype: Literal["float32", "bfloat16"] = _help(
+        "dtype of the FROZEN base weights during LoRA-style training (trainable adapters stay float32); "
+        "bfloat16 halves their memory and implies bf16 autocast.", "float32")
+    load_in_4bit: bool = _help(
+        "Load the frozen base quantised to 4-bit NF4 (QLoRA; LoRA methods only; needs the `quant` extra: "
+        "bitsandbytes).", False)
+    group_by_length: bool = _help(
+        "Within each window of 64 micro-batches of the seeded order, put examples of similar length "
+        "together (less padding; the examples of each optimizer step are unchanged up to the window).", False)
+
 
 
 @dataclass
@@ -270,13 +287,15 @@ class ExperimentConfig:
                                          "one-round method's artifacts, evaluated like a round.", factory=list)
     tracking: TrackingConfig = _help("Experiment tracking (loss curves, scores).", factory=TrackingConfig)  # ux
 
-    def training_for(self, method: MethodConfig) -> TrainingConfig:
+    def training_for(self, method: MethodConfig, source: str = "the config") -> TrainingConfig:
         """The experiment's training settings with the method's overrides applied (validated)."""
-        return self.training_with(method.training, f"methods[{method.name}].training")
+        return self.training_with(method.training, f"methods[{method.name}].training", source)
 
     def training_with(self, overrides: dict[str, Any], where: str, source: str = "<config>") -> TrainingConfig:
-        """The experiment's training settings with ``overrides`` (a method's or a router training's)."""
-        return _build(TrainingConfig, dataclasses.asdict(self.training) | overrides, where, source)
+        """The experiment's training settings with ``overrides`` (a method's or a router training's), range-checked."""
+        tcfg = _build(TrainingConfig, dataclasses.asdict(self.training) | overrides, where, source)
+        _check_training(tcfg, where, source)
+        return tcfg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,6 +314,9 @@ def _convert(tp: Any, value: Any, where: str, source: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        real = [a for a in args if a is not type(None)]
+        if len(real) == 1:  # Optional[X]: X's own message names the inner key at fault
+            return _convert(real[0], value, where, source)
         errors = []
         for arg in args:
             if arg is type(None):
@@ -393,7 +415,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise CairnError(f"--set {text!r}: expected KEY=VALUE, e.g. --set training.lr=1e-4")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise CairnError(f"--set {text}: the value is not valid YAML ({getattr(exc, 'problem', exc)}); "
+                         "quote it or fix the brackets") from None
+    return key.strip().split("."), value
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -421,19 +448,44 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
     """Read, override and validate an experiment YAML file."""
     path = Path(path)
+    if path.is_dir():
+        raise CairnError(f"config file {path} is a directory; pass an experiment YAML file")
     if not path.is_file():
         raise CairnError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise CairnError(f"{path}: not UTF-8 text (byte {exc.start} is {exc.object[exc.start:exc.start + 1]!r}); "
+                         "save the config as UTF-8") from None
     except yaml.YAMLError as exc:
-        raise CairnError(f"{path}: not valid YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise CairnError(f"{path}: not valid YAML{where}: {problem}") from None
+    except OSError as exc:
+        raise CairnError(f"cannot read config file {path}: {exc.strerror}") from None
     if not isinstance(data, dict):
-        raise CairnError(f"{path}: expected a mapping at the top level")
-    data = apply_overrides(data, overrides or [])
-    return config_from_dict(data, str(path))
+        raise CairnError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    overrides = overrides or []
+    merged = apply_overrides(data, overrides)
+    try:
+        return config_from_dict(merged, str(path))
+    except CairnError:
+        if not overrides or not _valid(data, str(path)):
+            raise
+    # The file is fine on its own: the --set values are to blame, so the message names them.
+    return config_from_dict(merged, "--set " + " --set ".join(overrides))
 
 
-def config_from_dict(data: dict, source: str = "<config>") -> ExperimentConfig:
+def _valid(data: dict, source: str) -> bool:
+    try:
+        config_from_dict(data, source)
+    except CairnError:
+        return False
+    return True
+
+
+def config_from_dict(data: dict, source: str = "the config") -> ExperimentConfig:
     cfg = _build(ExperimentConfig, data, "", source)
     validate(cfg, source)
     return cfg
@@ -474,8 +526,9 @@ def validate(cfg: ExperimentConfig, source: str) -> None:
     from cairn.tracking import check_trackers  # ux: unknown tracker / missing package
 
     check_trackers(cfg.tracking.report_to, f"{source}: tracking.report_to")
+    _check_ranges(cfg, source)
     for method in cfg.methods:
-        cfg.training_for(method)  # validates the overrides
+        cfg.training_for(method, source)  # validates the overrides
         if not 0.0 <= method.replay <= 1.0:
             raise CairnError(f"{source}: method {method.name!r}: replay must be in [0, 1], got {method.replay}")
         for key, section in _method_sections().items():
@@ -527,6 +580,97 @@ def validate_task(task: TaskConfig, source: str | None = None) -> None:
     if unknown:
         raise CairnError(f"{where}: split_map key {unknown[0]!r} is not one of the task's splits "
                          f"({task.train_split}, {task.test_split}, eval, validation)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Value ranges: a value of the right type can still be meaningless (a batch of 0, a negative step
+# count); catching it here fails the run before any model loads or any file is written.
+
+
+def _need(ok: bool, source: str, where: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise CairnError(f"{source}: {where} must be {rule}, got {value!r}")
+
+
+def _positive_int(source: str, where: str, value: Any, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    _need(isinstance(value, int) and value >= 1, source, where, value, "an integer >= 1" + (" or null" if optional else ""))
+
+
+def _finite(value: float) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _check_training(t: TrainingConfig, where: str, source: str) -> None:
+    _need(_finite(t.epochs) and t.epochs > 0, source, f"{where}.epochs", t.epochs, "> 0")
+    _positive_int(source, f"{where}.max_steps", t.max_steps, optional=True)
+    _need(_finite(t.lr) and t.lr > 0, source, f"{where}.lr", t.lr, "a finite number > 0 (e.g. 1e-4)")
+    _need(_finite(t.weight_decay) and t.weight_decay >= 0, source, f"{where}.weight_decay", t.weight_decay, ">= 0")
+    _positive_int(source, f"{where}.batch_size", t.batch_size)
+    _positive_int(source, f"{where}.grad_accum", t.grad_accum)
+    _need(_finite(t.warmup_ratio) and 0 <= t.warmup_ratio <= 1, source, f"{where}.warmup_ratio", t.warmup_ratio,
+          "in [0, 1]")
+    _need(isinstance(t.max_length, int) and t.max_length >= 2, source, f"{where}.max_length", t.max_length,
+          "an integer >= 2 (a prompt token and an answer token)")
+    if t.max_grad_norm is not None:
+        _need(_finite(t.max_grad_norm) and t.max_grad_norm > 0, source, f"{where}.max_grad_norm", t.max_grad_norm,
+              "> 0 or null (off)")
+    _positive_int(source, f"{where}.log_every", t.log_every)
+    _positive_int(source, f"{where}.save_every", t.save_every, optional=True)
+
+
+def _check_ranges(cfg: ExperimentConfig, source: str) -> None:
+    _need(bool(cfg.name.strip()) and "/" not in cfg.name and cfg.name not in (".", ".."), source, "name", cfg.name,
+          "a non-empty name usable as a directory name")
+    _check_training(cfg.training, "training", source)
+    for i, task in enumerate(cfg.tasks):
+        w = f"tasks[{i}] ({task.name})"
+        _need(bool(task.name.strip()) and "/" not in task.name, source, f"{w}.name", task.name,
+              "a non-empty name without '/'")
+        for key in ("max_train", "max_test", "max_new_tokens"):
+            _positive_int(source, f"{w}.{key}", getattr(task, key), optional=True)
+        _positive_int(source, f"{w}.entities", task.entities)
+    for m in cfg.methods:
+        w = f"methods[{m.name}]"
+        _need(bool(m.name.strip()) and "/" not in m.name and m.name not in ("base", "report", ".", ".."), source,
+              f"{w}.name", m.name, "a non-empty name usable as a directory (not 'base' or 'report')")
+        _need(_finite(m.replay), source, f"{w}.replay", m.replay, "in [0, 1]")
+        if m.trainable == "lora":
+            _positive_int(source, f"{w}.lora.r", m.lora.r)
+            _need(_finite(m.lora.alpha) and m.lora.alpha > 0, source, f"{w}.lora.alpha", m.lora.alpha, "> 0")
+            _need(_finite(m.lora.dropout) and 0 <= m.lora.dropout < 1, source, f"{w}.lora.dropout", m.lora.dropout,
+                  "in [0, 1)")
+            _need(bool(m.lora.target_modules), source, f"{w}.lora.target_modules", m.lora.target_modules,
+                  "a non-empty list of module names or 'all-linear'")
+        if m.trainable == "loramoe":
+            e = m.loramoe
+            _positive_int(source, f"{w}.loramoe.experts", e.experts)
+            _positive_int(source, f"{w}.loramoe.rank", e.rank)
+            _need(_finite(e.alpha) and e.alpha > 0, source, f"{w}.loramoe.alpha", e.alpha, "> 0")
+            _need(_finite(e.dropout) and 0 <= e.dropout < 1, source, f"{w}.loramoe.dropout", e.dropout, "in [0, 1)")
+            if e.top_k is not None:
+                _need(isinstance(e.top_k, int) and 1 <= e.top_k <= e.experts, source, f"{w}.loramoe.top_k", e.top_k,
+                      f"between 1 and experts ({e.experts}) or null")
+            _need(_finite(e.beta) and e.beta >= 0, source, f"{w}.loramoe.beta", e.beta, ">= 0")
+            _need(_finite(e.delta) and 0 <= e.delta < 1, source, f"{w}.loramoe.delta", e.delta, "in [0, 1)")
+    for c in cfg.combine:
+        _positive_int(source, f"combine[{c.name}].router_examples", c.router_examples)
+        _positive_int(source, f"combine[{c.name}].rank", c.rank, optional=True)
+    _positive_int(source, "evaluation.batch_size", cfg.evaluation.batch_size)
+    ok = cfg.evaluation.old_knowledge
+    if ok is not None:
+        from cairn.eval.suites import resolve_tasks  # stdlib-only import: names are checked before any model loads
+
+        _need(bool(ok.tasks), source, "evaluation.old_knowledge.tasks", ok.tasks, "a non-empty list of tasks")
+        try:
+            resolve_tasks(ok.tasks)
+        except CairnError as exc:
+            raise CairnError(f"{source}: evaluation.old_knowledge.tasks: {exc}") from None
+        _positive_int(source, "evaluation.old_knowledge.limit", ok.limit, optional=True)
+        _positive_int(source, "evaluation.old_knowledge.batch_size", ok.batch_size)
+        _need(isinstance(ok.num_fewshot, int) and ok.num_fewshot >= 0, source, "evaluation.old_knowledge.num_fewshot",
+              ok.num_fewshot, "an integer >= 0")
 
 
 def to_yaml(cfg: ExperimentConfig) -> str:

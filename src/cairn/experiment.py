@@ -34,7 +34,7 @@ from pathlib import Path
 from cairn import atomic, rundir
 from cairn.config import ExperimentConfig, MethodConfig, to_yaml
 from cairn.data.tasks import Task, load_task
-from cairn.errors import CairnError
+from cairn.errors import DISK_ERRNOS, CairnError, disk_error_message
 from cairn.eval.continual import summarize
 from cairn.eval.task_eval import evaluate_tasks_metrics
 from cairn.methods.registry import Method, RoundContext, compose, freeze
@@ -194,6 +194,13 @@ class Runner:
                     except CairnError as exc:
                         done[name] = f"failed: {exc}"
                         slog(f"{name} failed: {exc}")
+                    except OSError as exc:  # robust guard: a full or read-only disk stops the run
+                        if exc.errno not in DISK_ERRNOS:
+                            done[name] = f"failed: {type(exc).__name__}: {exc}"
+                            slog(f"{name} crashed:\n{traceback.format_exc()}")
+                        else:
+                            slog(f"{name} stopped: {exc}")
+                            raise CairnError(disk_error_message(exc, name)) from None
                     except Exception as exc:  # keep the other steps' results; the traceback goes to the log
                         done[name] = f"failed: {type(exc).__name__}: {exc}"
                         slog(f"{name} crashed:\n{traceback.format_exc()}")

@@ -108,10 +108,34 @@ def resolve_model_path(spec: str) -> str:
     if path.exists():
         if not (path / "config.json").is_file():
             raise CairnError(f"model directory {path} has no config.json; point at a Hugging Face model folder")
+        check_model_dir(path)  # robust: a corrupt checkpoint fails here, before a run writes anything
         return str(path)
     if spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") != 1:
         raise CairnError(f"model path {spec} does not exist")
     return spec
+
+
+def check_model_dir(path: Path) -> None:
+    """Refuse a local model folder whose config or safetensors headers are unreadable (robust guard).
+
+    Reads only config.json and each weight file's header (safetensors checks that the header covers
+    the file, so a truncated or random-bytes file is caught without loading any tensor).
+    """
+    import json
+
+    try:
+        json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:
+        raise CairnError(f"{path / 'config.json'} is not valid JSON ({exc}); re-save or re-download the model") from None
+    from safetensors import SafetensorError, safe_open
+
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise CairnError(f"{f} is not a readable safetensors file ({exc}); the file is truncated or corrupt: "
+                             "re-save or re-download the model") from None
 
 
 def load_tokenizer(spec: str):
@@ -122,24 +146,73 @@ def load_tokenizer(spec: str):
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as exc:
         raise CairnError(_unknown_model_message(spec, exc)) from None
+    except (ValueError, TypeError, KeyError) as exc:  # robust: missing or corrupt tokenizer files in a folder
+        raise CairnError(f"cannot load the tokenizer of {spec!r} ({str(exc).splitlines()[0]}); the model folder "
+                         "needs tokenizer.json or the slow tokenizer's files (save them with "
+                         "tokenizer.save_pretrained)") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    _check_vocab(spec, path, tokenizer)
     return tokenizer
 
 
-def load_model(spec: str, dtype: str = "float32"):
-    """Load a causal LM (weights in ``dtype``) from a model spec; see :func:`resolve_model_path`."""
+def _check_vocab(spec: str, path: str, tokenizer) -> None:
+    """robust guard: a tokenizer with ids beyond the model's embedding table fails at the first batch."""
+    import json
+
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return
+    try:
+        vocab = json.loads(config.read_text(encoding="utf-8")).get("vocab_size")
+    except ValueError:
+        return
+    if isinstance(vocab, int) and len(tokenizer) > vocab:
+        raise CairnError(f"the tokenizer of {spec!r} has {len(tokenizer)} tokens but the model's config.json says "
+                         f"vocab_size {vocab}: the tokenizer does not belong to this model")
+
+
+def load_model(spec: str, dtype: str = "float32", *, attn_implementation: str = "auto",
+               load_in_4bit: bool = False):
+    """Load a causal LM (weights in ``dtype``) from a model spec; see :func:`resolve_model_path`.
+
+    ``attn_implementation`` (sdpa / eager / flash_attention_2) picks transformers' attention kernel;
+    ``load_in_4bit`` quantises the base to NF4 with bitsandbytes for QLoRA (Dettmers et al. 2023,
+    arXiv:2305.14314): the base is frozen, LoRA adapters train in float32 on top.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(spec)
+    kwargs: dict = {"dtype": getattr(torch, dtype)}
+    if attn_implementation != "auto":
+        from cairn.train.setup import check_attn_implementation
+
+        check_attn_implementation(attn_implementation)
+        kwargs["attn_implementation"] = attn_implementation
+    if load_in_4bit:
+        kwargs["quantization_config"] = quantization_config_4bit()
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as exc:
         raise CairnError(_unknown_model_message(spec, exc)) from None
 
 
+def quantization_config_4bit():
+    """transformers' BitsAndBytesConfig for a QLoRA base (NF4, double quantisation, bf16 compute)."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise CairnError("training.load_in_4bit needs bitsandbytes: install cairn's `quant` extra "
+                         "(`pip install 'cairn[quant]'`, i.e. bitsandbytes), or set load_in_4bit: false")
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
 def _unknown_model_message(spec: str, exc: Exception) -> str:
+    if Path(spec).expanduser().is_dir():
+        return f"cannot load the model folder {spec}: {str(exc).splitlines()[0]}"
     names = ", ".join(BUILTIN_MODELS)
     return (
         f"cannot load model {spec!r}: it is not a built-in name ({names}), not a local model directory, "

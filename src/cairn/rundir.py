@@ -22,12 +22,11 @@ artifact carries ``cairn_parent.json``: what it applies to (the raw base, or the
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cairn import atomic
-from cairn.errors import CairnError
+from cairn.errors import CairnError, read_json_file
 
 #: Version of results.json. 2: adds schema_version, strategy and seed.
 SCHEMA_VERSION = 2
@@ -74,9 +73,10 @@ def read_round(path: Path) -> RoundRecord | None:
     f = Path(path) / "round.json"
     if not f.is_file():
         return None
+    data = read_json_file(f, "round record")
     try:
-        return RoundRecord(**json.loads(f.read_text()))
-    except (json.JSONDecodeError, TypeError) as exc:
+        return RoundRecord(**data)
+    except TypeError as exc:
         raise CairnError(f"{f} is not a round record ({exc}); delete it to rerun the round") from None
 
 
@@ -88,10 +88,9 @@ def write_round(path: Path, record: RoundRecord, predictions: dict) -> None:
 def read_results(path: Path) -> dict:
     """A results.json, upgraded to the current schema (older files lack version, strategy, seed)."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CairnError(f"{path} is not valid JSON ({exc}); delete it to recompute the method's results") from None
+    data = read_json_file(path, "results file")
+    if not isinstance(data, dict):
+        raise CairnError(f"{path} is not a results record (a JSON object); delete it to recompute the method's results")
     version = data.get("schema_version", 1)
     if version > SCHEMA_VERSION:
         raise CairnError(f"{path} has results schema_version {version}; this cairn reads up to "
@@ -211,9 +210,11 @@ class RunDir:
     def read_status(self) -> ExperimentStatus | None:
         if not self.experiment.is_file():
             return None
-        data = json.loads(self.experiment.read_text())
-        return ExperimentStatus(name=data["name"], methods=data["methods"], status=data["status"],
-                                seeds=data.get("seeds"))
+        data = read_json_file(self.experiment, "experiment status")
+        if not isinstance(data, dict):
+            raise CairnError(f"{self.experiment} is not an experiment status (a JSON object); it is not a file cairn wrote")
+        return ExperimentStatus(name=data.get("name", self.root.name), methods=data.get("methods", []),
+                                status=data.get("status", {}), seeds=data.get("seeds"))
 
 
 def status_ok(status: str | dict) -> bool:

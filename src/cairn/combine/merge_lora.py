@@ -61,7 +61,7 @@ from cairn.combine.merge_models import (
     parse_size,
     tensor_generators,
 )
-from cairn.errors import CairnError
+from cairn.errors import CairnError, load_safetensors, read_json_file
 
 Mode = Literal["per_factor", "svd", "full"]
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -91,13 +91,11 @@ def is_adapter_dir(path: str | os.PathLike) -> bool:
 
 def load_adapter(path: str | os.PathLike) -> Adapter:
     """Read a PEFT LoRA adapter directory; CairnError for anything cairn cannot merge."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     cfg_file = path / "adapter_config.json"
     if not cfg_file.is_file():
         raise CairnError(f"{path} is not a PEFT adapter directory (no adapter_config.json)")
-    config = json.loads(cfg_file.read_text())
+    config = read_json_file(cfg_file, "adapter config")  # robust: corrupt JSON -> CairnError naming the file
     if config.get("peft_type", "LORA") != "LORA":
         raise CairnError(f"{cfg_file}: peft_type is {config.get('peft_type')}; only LoRA adapters can be merged")
     if config.get("use_dora"):
@@ -107,7 +105,7 @@ def load_adapter(path: str | os.PathLike) -> Adapter:
         hint = " (it has adapter_model.bin; re-save with safe_serialization=True)" \
             if (path / "adapter_model.bin").is_file() else ""
         raise CairnError(f"{path} has no {ADAPTER_WEIGHTS}{hint}")
-    state = load_file(str(weights))
+    state = load_safetensors(weights)  # robust: truncated file -> CairnError naming it
     factors: dict[str, dict[str, torch.Tensor]] = {}
     embedding: dict[str, bool] = {}
     other: dict[str, torch.Tensor] = {}

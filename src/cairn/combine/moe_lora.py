@@ -36,7 +36,7 @@ from torch import nn
 
 from cairn import atomic
 from cairn.combine import router_init as rinit
-from cairn.errors import CairnError
+from cairn.errors import CairnError, load_safetensors
 from cairn.io.adapters import lora_scaling
 from cairn.routed_lora import (MIXTURE_ATTR, NORMALISATIONS, RoutedLoRALinear, experts_disabled, routed_layers,
                                routing_weights)
@@ -72,8 +72,6 @@ class LoraAdapter:
 
 def read_lora_adapter(path: str | Path) -> LoraAdapter:
     """Read a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors)."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     cfg_file, weights = path / "adapter_config.json", path / "adapter_model.safetensors"
     if not cfg_file.is_file():
@@ -92,7 +90,7 @@ def read_lora_adapter(path: str | Path) -> LoraAdapter:
             raise CairnError(f"{path}: {flag}=true is not supported in a LoRA mixture; use plain LoRA adapters")
     if config.get("fan_in_fan_out"):
         raise CairnError(f"{path}: fan_in_fan_out adapters (GPT-2 Conv1D) are not supported")
-    tensors = load_file(str(weights))
+    tensors = load_safetensors(weights)  # robust: truncated file -> CairnError naming it
     A, B = {}, {}
     for key, value in tensors.items():
         name = key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key

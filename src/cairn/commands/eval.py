@@ -117,8 +117,17 @@ def load_for_eval(spec: str, dtype: str = "float32", device: str | None = None):
     model = models.load_model(base, dtype=dtype)
     if adapter:
         from peft import PeftModel
+        from safetensors import SafetensorError
 
-        model = PeftModel.from_pretrained(model, adapter)
+        from cairn.errors import load_safetensors
+
+        if (Path(adapter) / "adapter_model.safetensors").is_file():  # a truncated file is named, not traced
+            load_safetensors(Path(adapter) / "adapter_model.safetensors")
+        try:
+            model = PeftModel.from_pretrained(model, adapter)
+        except (RuntimeError, ValueError, KeyError, SafetensorError) as exc:  # robust guard: wrong base, bad file
+            raise CairnError(f"adapter {adapter} does not fit the base model {base} or is corrupt: "
+                             f"{str(exc).splitlines()[0]}") from None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), tokenizer, base, adapter
 
@@ -142,6 +151,13 @@ def run(args) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise CairnError(f"--limit must be a positive number of questions per task, got {args.limit}")
+    # robust guards: checked before any model loads or any question is scored
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--num-fewshot", args.num_fewshot, 0),
+                             ("--max-gen-toks", args.max_gen_toks, 1)):
+        if value < low:
+            raise CairnError(f"{flag} must be >= {low}, got {value}")
+    if args.output is not None and args.output.is_dir():
+        raise CairnError(f"--output {args.output} is a directory; give a file path for the results JSON")
     tasks = suites.resolve_tasks(args.tasks)
     data_files = _parse_data_files(args.data_file)
     if data_files:

@@ -51,7 +51,9 @@ def _prompts(files: list[Path] | None, k: int) -> list[list[str]] | None:
     for f in files:
         if not f.is_file():
             raise CairnError(f"router prompt file {f} does not exist")
-        lines = [line.strip() for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+        from cairn.errors import read_text_file  # robust: non-UTF-8 -> CairnError naming the file
+
+        lines = [line.strip() for line in read_text_file(f, "router prompt file").splitlines() if line.strip()]
         if not lines:
             raise CairnError(f"router prompt file {f} is empty; give at least one prompt per line")
         out.append(lines)

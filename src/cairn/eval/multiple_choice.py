@@ -36,6 +36,10 @@ What is different is only how the work is laid out, for speed:
    predictions are float32's and only the questions with a clear winner are left at bf16. How much
    that saves depends on the model: a weak model has many near ties (see benchmarks/eval_precision.py).
 
+Under ``torchrun``/``accelerate launch`` the batches (formed exactly as in one process) are dealt
+out round-robin to the processes and the scores gathered, so every process returns the full,
+identical result; call it on EVERY process.
+
 The packed and the unpacked computation agree to float rounding (tested against one-pair-at-a-time
 scoring); a model whose attention ignores custom 4-D masks would silently break the packing, so
 ``share_prefix=False`` scores one pair per row instead (same tokenisation, still tail-only logits).
@@ -200,8 +204,11 @@ def score_pairs(
     tail_ok = _accepts_logits_to_keep(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prefix_id
     dtype = next(model.parameters()).dtype
-    bar = tqdm(total=len(questions), desc=desc, disable=not progress, leave=False)
+    from cairn import dist
+
+    bar = tqdm(total=len(questions), desc=desc, disable=not progress or not dist.is_main(), leave=False)
     done_pairs = [0] * len(questions)
+    bounds: list[tuple[int, int]] = []
     start = 0
     while start < len(rows):
         # grow the batch while rows and the materialised logits stay within their budgets
@@ -213,8 +220,13 @@ def score_pairs(
             if (end - start + 1) * k * vocab > max_logits:
                 break
             keep, end = k, end + 1
-        batch = rows[start:end]
+        bounds.append((start, end))
         start = end
+    world = dist.world_size() if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
+    mine = bounds[dist.rank()::world] if world > 1 else bounds
+    computed: list[tuple[int, int, float]] = []
+    for start, end in mine:
+        batch = rows[start:end]
         length = len(batch[0].tokens)
         ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
         pos = torch.zeros((len(batch), length), dtype=torch.long)
@@ -241,10 +253,15 @@ def score_pairs(
                 at = torch.tensor([pad + i - offset for i in idx], device=logprobs.device)
                 tgt = torch.tensor(target, device=logprobs.device)
                 scores[row.question][pair] = float(logprobs[at, tgt].sum())
+                computed.append((row.question, pair, scores[row.question][pair]))
             done_pairs[row.question] += len(row.pairs)
             if done_pairs[row.question] == len(questions[row.question]):
-                bar.update(1)
+                bar.update(world)
     bar.close()
+    if world > 1:
+        for part in dist.gather_objects(computed):
+            for q, pair, value in part:
+                scores[q][pair] = value
     return scores
 
 

@@ -12,7 +12,9 @@ or only non-sequential methods for BWT) so the report skips it.
 
 from __future__ import annotations
 
+import glob
 import math
+import os
 from pathlib import Path
 
 from matplotlib.figure import Figure
@@ -32,7 +34,11 @@ def _nan(v: float | None) -> float:
 def _save(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    for stale in path.parent.glob(f".tmp-{glob.escape(path.name)}-*"):  # robust: left by a killed writer
+        stale.unlink(missing_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")  # robust: a kill never leaves a truncated PNG
+    fig.savefig(tmp, dpi=DPI, format=path.suffix.lstrip(".") or "png")
+    os.replace(tmp, path)
     return path
 
 

@@ -127,9 +127,14 @@ def validate_results(results: dict, where: str) -> dict:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise CairnError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}): {exc.msg}.") from None
+    except UnicodeDecodeError as exc:  # robust guard
+        raise CairnError(f"{path}: not UTF-8 text (byte {exc.start}); it is not a file cairn wrote.") from None
+    if not isinstance(data, dict):  # robust guard
+        raise CairnError(f"{path}: expected a JSON object, got {type(data).__name__}.")
+    return data
 
 
 def _config_specs(text: str | None) -> dict[str, dict]:
