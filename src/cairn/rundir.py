@@ -263,12 +263,7 @@ def write_parent(folder: Path, record: dict) -> None:
 
 def read_parent(folder: Path) -> dict | None:
     f = Path(folder) / PARENT_FILE
-    if not f.is_file():
-        return None
-    try:
-        return json.loads(f.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CairnError(f"{f} is not valid JSON ({exc})") from None
+    return read_json_file(f, "artifact parent record") if f.is_file() else None
 
 
 def require_standalone(folder: Path, what: str = "this command") -> None:
