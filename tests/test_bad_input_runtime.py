@@ -90,7 +90,6 @@ def test_disk_full_while_writing_round_scores(tmp_path, tiny_model_dir, capsys, 
     assert not _partial_files(run)
 
 
-@pytest.mark.xfail(strict=False, reason="loop wiring pending (TrainingDiverged is raised by the training loop)")
 def test_huge_learning_rate_stops_the_round_at_the_diverging_step(tmp_path, tiny_model_dir, capsys):
     cfg, run = _config(tmp_path, tiny_model_dir, {"name": "fft", "trainable": "full"},
                        {"lr": 1e12, "max_steps": 6, "max_grad_norm": None})
