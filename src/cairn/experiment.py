@@ -145,7 +145,9 @@ class Runner:
         if record is None:
             log(f"evaluating the base model {self.cfg.model} on {len(self.tasks)} tasks")
             record, preds = self.scored(self.load_base(), "base", True, {})
-            write_round(self.run_dir.base, record, preds)
+            if _is_main():
+                write_round(self.run_dir.base, record, preds)
+            _barrier()
         return record
 
     # -- experiment --------------------------------------------------------------------------
@@ -155,17 +157,24 @@ class Runner:
 
         The run directory's lock (:mod:`cairn.runlock`, one writer per directory) is held throughout.
         """
-        lock = _run_lock(self.out)
+        lock = _run_lock(self.out) if _is_main() else None  # one writer: the main process holds the lock
         try:
             return self._run()
         finally:
             if lock is not None:
                 lock.release()
 
+    def log_to(self, path: Path):
+        """A run log at ``path`` on the main process; a silent one on the others (one writer per file)."""
+        return RunLog(path, self.echo) if _is_main() else _quiet
+
     def _run(self) -> dict:
-        self.out.mkdir(parents=True, exist_ok=True)
-        atomic.write_text(self.run_dir.config, to_yaml(self.cfg))
-        log = RunLog(self.run_dir.log, self.echo)
+        # Only the main process writes run files; the others train and evaluate alongside it (the loop
+        # and the evaluators are collective) and wait at a barrier before reading what it wrote.
+        if _is_main():
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic.write_text(self.run_dir.config, to_yaml(self.cfg))
+        log = self.log_to(self.run_dir.log)
         log(self.world_line())
         for warning in self.data_warnings:
             log(f"data warning: {warning}")
@@ -179,7 +188,7 @@ class Runner:
             self.seed = seed
             done: dict[str, str] = {}
             for name, step, run_step in steps:
-                slog = RunLog(self.method_dir(name).log, self.echo)
+                slog = self.log_to(self.method_dir(name).log)
                 source = getattr(step, "source", None)
                 if source is not None and done.get(source) != "ok":
                     done[name] = f"failed: its source method {source!r} did not finish"
@@ -209,9 +218,11 @@ class Runner:
                 else:
                     status[name] = done[name]
         self.seed = self.seeds[0]
-        self.run_dir.write_status(rundir.ExperimentStatus(
-            self.cfg.name, [name for name, _, _ in steps], status,
-            seeds=[s for s in self.seeds if s is not None] or None))
+        if _is_main():
+            self.run_dir.write_status(rundir.ExperimentStatus(
+                self.cfg.name, [name for name, _, _ in steps], status,
+                seeds=[s for s in self.seeds if s is not None] or None))
+        _barrier()
         return {"status": status, "results": results}
 
     def world_line(self) -> str:
@@ -254,7 +265,7 @@ class Runner:
         label, task_ids = plan[k - 1] if k else ("base", [])
         return RoundContext(cfg=self.scfg, method=method_cfg, k=k, label=label, task_ids=task_ids,
                             rdir=mdir.round(k, label), mdir=mdir, tasks=self.tasks, tokenizer=self.tokenizer,
-                            load_base=self.load_base, log=log, plan=plan)
+                            load_base=self.load_base, log=log, plan=plan, write=_is_main())
 
     def run_method(self, method_cfg: MethodConfig, base: RoundRecord, log: RunLog) -> dict:
         from cairn.fingerprint import check_fingerprint, method_fingerprint
@@ -262,13 +273,16 @@ class Runner:
 
         mdir = self.method_dir(method_cfg.name)
         # First: a rerun with other settings must not reuse finished rounds (refuses unless overwrite).
-        check_fingerprint(mdir.path, method_fingerprint(self.cfg, method_cfg, self.seed), self.overwrite)
+        if _is_main():
+            check_fingerprint(mdir.path, method_fingerprint(self.cfg, method_cfg, self.seed), self.overwrite)
+        _barrier()
         if mdir.results.is_file():
             log(f"{method_cfg.name}: already complete, reading {mdir.results}")
             return rundir.read_results(mdir.results)
         # The experiment's seed stays (it fixes the tasks' subsamples); a seed-<s>/ folder names its seed.
-        atomic.write_text(mdir.config, to_yaml(dataclasses.replace(self.cfg, methods=[method_cfg], combine=[],
-                                                                   seeds=None)))
+        if _is_main():
+            atomic.write_text(mdir.config, to_yaml(dataclasses.replace(self.cfg, methods=[method_cfg], combine=[],
+                                                                       seeds=None)))
         tr = open_tracking(self.cfg, self.out, method_cfg.name, self.seed)
         try:
             method = self.methods[method_cfg.name]
@@ -288,7 +302,9 @@ class Runner:
                 offset = sum(r.train.get("steps", 0) for r in rounds[1:])  # one step axis across rounds
                 model, record, preds = self.train_round(method, model, ctx, last=k == len(plan),
                                                         log_fn=tr.round_log_fn(k, ctx.label, ctx.rdir, offset))
-                write_round(ctx.rdir, record, preds)
+                if _is_main():
+                    write_round(ctx.rdir, record, preds)
+                _barrier()  # the round's artifact and record exist before any process reads them
                 rounds.append(record)
                 at = k
                 tr.log_round(k, ctx.label, dict(zip((t.name for t in self.tasks), record.scores)),
@@ -306,7 +322,7 @@ class Runner:
     def train_round(self, method: Method, model, ctx: RoundContext, last: bool, log_fn=None):
         model = method.prepare(model, ctx)
         examples, data_record = method.round_examples(ctx)
-        if data_record:
+        if data_record and ctx.write:
             atomic.write_json(ctx.rdir / "round_data.json", data_record)
         kwargs = {"log_fn": log_fn} if log_fn is not None and _train_takes("log_fn") else {}
         result = train(model, self.tokenizer, examples, self.cfg.training_for(ctx.method), seed=ctx.seed + ctx.k,
@@ -329,8 +345,11 @@ class Runner:
 
         cdir = self.method_dir(comb.name)
         source_cfg = next(m for m in self.cfg.methods if m.name == comb.source)
-        check_fingerprint(cdir.path, {"combine": dataclasses.asdict(comb),
-                                      "source": method_fingerprint(self.cfg, source_cfg, self.seed)}, self.overwrite)
+        if _is_main():
+            check_fingerprint(cdir.path, {"combine": dataclasses.asdict(comb),
+                                          "source": method_fingerprint(self.cfg, source_cfg, self.seed)},
+                              self.overwrite)
+        _barrier()
         if cdir.results.is_file():
             return rundir.read_results(cdir.results)
         source = self.methods[comb.source]
@@ -419,10 +438,28 @@ class Runner:
         writer.writerow(["after"] + names)
         for r in rounds:
             writer.writerow([r.label] + [f"{s:.6f}" for s in r.scores])
-        atomic.write_text(mdir.csv, buf.getvalue())
-        atomic.write_text(mdir.table, results_table(results))
-        rundir.write_results(mdir.results, results)  # last: marks the method complete
+        if _is_main():
+            atomic.write_text(mdir.csv, buf.getvalue())
+            atomic.write_text(mdir.table, results_table(results))
+            rundir.write_results(mdir.results, results)  # last: marks the method complete
+        _barrier()
         return rundir.read_results(mdir.results)
+
+
+def _is_main() -> bool:
+    from cairn import dist
+
+    return dist.is_main()
+
+
+def _barrier() -> None:
+    from cairn import dist
+
+    dist.barrier()
+
+
+def _quiet(line: str) -> None:
+    """The log of a process that writes no run files."""
 
 
 def _run_lock(out: Path):

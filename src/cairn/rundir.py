@@ -22,6 +22,7 @@ artifact carries ``cairn_parent.json``: what it applies to (the raw base, or the
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -258,7 +259,9 @@ def parent_record(base_model: str, k: int, mode: str | None, one_round: bool, ru
 
 
 def write_parent(folder: Path, record: dict) -> None:
-    atomic.write_json(Path(folder) / PARENT_FILE, record)
+    """Write ``cairn_parent.json`` into an artifact folder being built (inside ``atomic.atomic_dir``,
+    whose rename publishes the whole folder at once: a plain write suffices there)."""
+    (Path(folder) / PARENT_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
 def read_parent(folder: Path) -> dict | None:

@@ -139,6 +139,8 @@ class EWC(PartBase):
         anchor = {n: p.detach().float().cpu().contiguous() for n, p in model.named_parameters() if n in fisher}
         tensors = {f"fisher/{n}": f.contiguous() for n, f in fisher.items()}
         tensors |= {f"anchor/{n}": a for n, a in anchor.items()}
+        if not ctx.write:  # only the main process of a multi-process run writes it
+            return
         with atomic.atomic_file(ctx.rdir / FISHER_FILE) as tmp:
             save_file(tensors, str(tmp), metadata={"format": "cairn-ewc", "version": "1"})
         atomic.write_json(ctx.rdir / RECORD_FILE, {"fisher_examples": len(picked), "indices": picked,

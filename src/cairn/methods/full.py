@@ -34,6 +34,8 @@ class FullFineTuning:
         return []
 
     def save(self, model, ctx: RoundContext):
+        if not ctx.write:  # another process of a multi-process run writes the artifact
+            return model
         with atomic.atomic_dir(ctx.rdir / "model", overwrite=True) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             ctx.tokenizer.save_pretrained(tmp)

@@ -120,6 +120,8 @@ class LoRA:
     def save(self, model, ctx: RoundContext):
         from cairn import rundir
 
+        if not ctx.write:  # only the main process of a multi-process run writes the artifact
+            return merge_adapters(model) if self.cfg.sequential == "merge" else model
         with atomic.atomic_dir(ctx.rdir / "adapter", overwrite=True) as tmp:
             save_adapter(model, ctx.k, tmp)
             seeded = ctx.mdir.path.name.startswith("seed-")  # <run>/<method>/seed-<s>/ or <run>/<method>/

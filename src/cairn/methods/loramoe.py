@@ -215,7 +215,8 @@ class LoRAMoE:
     def save(self, model, ctx: RoundContext):
         from cairn.combine.moe_lora import save_lora_moe
 
-        save_lora_moe(model, ctx.rdir / "loramoe", overwrite=True)
+        if ctx.write:  # only the main process of a multi-process run writes the artifact
+            save_lora_moe(model, ctx.rdir / "loramoe", overwrite=True)
         return model
 
     def restore(self, ctx: RoundContext, upto: int):

@@ -270,7 +270,9 @@ class OLoRA(PartBase):
     def after_round(self, model, ctx: RoundContext) -> None:
         from cairn.methods.lora import adapter_name
 
-        save_A_store(ctx.rdir / self.STORE, {ctx.k: collect_lora_A(model, adapter_name(ctx.k))})
+        store = {ctx.k: collect_lora_A(model, adapter_name(ctx.k))}
+        if ctx.write:  # only the main process of a multi-process run writes it
+            save_A_store(ctx.rdir / self.STORE, store)
 
 
 def _check(method, cfg: OLoRAConfig, source: str) -> None:

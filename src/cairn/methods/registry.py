@@ -44,6 +44,9 @@ class RoundContext:
     tokenizer: Any
     load_base: Callable[[], Any]
     log: Callable[[str], None]
+    # Whether this process writes run files (only the main process of a multi-process run does; the
+    # others compute the same model and wait at a barrier before reading what it wrote).
+    write: bool = True
 
     @property
     def seed(self) -> int:
