@@ -227,3 +227,16 @@ def test_cairn_run_with_seeds_prints_the_summary_and_fails_nonzero(tmp_path, tin
     shutil.rmtree(tmp_path / "exp" / "lora" / "seed-1" / "rounds" / "01-zoology" / "adapter")
     assert main(["run", str(path), "--seeds", "2", "--out", str(tmp_path / "exp"), "--no-progress"]) == 1
     assert "seed 1: failed" in capsys.readouterr().out
+
+
+def test_a_run_directory_in_use_is_refused(tmp_path, tiny_model_dir):
+    from cairn.runlock import lock_run_dir
+
+    exp = tmp_path / "exp"
+    lock = lock_run_dir(exp)  # another cairn process holds the directory
+    try:
+        with pytest.raises(CairnError, match="in use by another cairn process"):
+            run_experiment(_cfg(tiny_model_dir), exp, progress=False)
+    finally:
+        lock.release()
+    assert not (exp / "lora").exists() and not (exp / "base").exists()  # nothing written by the refused run
