@@ -187,7 +187,7 @@ def export_round(run_dir: Path, method: str, k: int, out: Path, merge: bool = Fa
             (tmp / "adapter_config.json").write_text(json.dumps(acfg, indent=2) + "\n", encoding="utf-8")
             from cairn import rundir  # [wire] one definition of cairn_parent.json
 
-            rundir.write_parent(tmp, rundir.parent_record(cfg.model, k, mode, one_round, run_dir, method))
+            rundir.write_parent(tmp, rundir.parent_record(cfg.model, k, mode, one_round, run_dir, method, seed=seed))
             library = "peft"
         card = model_card(cfg, mcfg, k, record, tasks, base_id, base_note, library, merge or kind == "full",
                           applies, parents, __version__, rdir)
