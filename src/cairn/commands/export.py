@@ -244,7 +244,7 @@ def model_card(cfg, mcfg, k, record, tasks, base_id, base_note, library, full, a
                          f"evaluated below; rebuild the chain with `cairn export ... --round {k} --merge` "
                          f"(see `{PARENT_FILE}`).")
     lines += ["", f"- Base model: `{base_id}` ({base_note})",
-              f"- Curriculum (round order): " + ", ".join(f"{i}. {t}" + (" **(this round)**" if i == k else "")
+              "- Curriculum (round order): " + ", ".join(f"{i}. {t}" + (" **(this round)**" if i == k else "")
                                                          for i, t in enumerate(tasks, start=1)),
               f"- Method: `{mcfg.strategy}`, `trainable: {mcfg.trainable}`"
               + (f", `lora.sequential: {mcfg.lora.sequential}`" if mcfg.trainable == "lora" else ""),

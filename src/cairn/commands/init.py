@@ -32,7 +32,8 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cairn.config import LoraConfig, TrainingConfig, _build, apply_overrides
+    from cairn.config import TrainingConfig, _build, apply_overrides
+    from cairn.methods.lora import LoraConfig
     from cairn.ledger.gate import load_policy
     from cairn.ledger.project import default_method, init_project
 

@@ -33,28 +33,23 @@ from cairn.ledger.weights import RELEASE_FILE, build_release, check_adapter, che
 
 
 def read_training_data(folder: Path) -> list[dict]:
-    """``train.jsonl`` (or ``train.json``, TRACE layout) of {prompt, answer} rows from ``folder``."""
-    from cairn.data.tasks import _check_examples, read_jsonl
+    """``train.jsonl`` (or ``train.json``, TRACE layout) of {prompt, answer} rows from ``folder``, read and
+    checked by the data layer (malformed lines, missing fields, empty answers and non-UTF-8 bytes are
+    refused naming the file and line)."""
+    from cairn.config import TaskConfig
+    from cairn.data.sources import read_split, resolve
 
     if not folder.is_dir():
         raise CairnError(f"--data {folder} is not a folder; it must hold train.jsonl (or train.json) of "
                          "{prompt, answer} rows")
     if (folder / "train.jsonl").is_file():
-        path, rows = folder / "train.jsonl", read_jsonl(folder / "train.jsonl")
+        fmt = "jsonl"
     elif (folder / "train.json").is_file():
-        path = folder / "train.json"
-        try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise CairnError(f"{path}: malformed JSON at line {exc.lineno}: {exc.msg}") from None
-        if not isinstance(rows, list):
-            raise CairnError(f"{path}: expected a JSON list of {{prompt, answer}} objects")
+        fmt = "trace"
     else:
         raise CairnError(f"--data {folder} has no train.jsonl or train.json")
-    rows = _check_examples(rows, str(path), "prompt", "answer", None)
-    if not rows:
-        raise CairnError(f"{path} has no rows")
-    return rows
+    cfg = TaskConfig(name=folder.name, format=fmt, path=str(folder), metric="exact_match")
+    return read_split(cfg, resolve(cfg, "train", None), chat=False).examples
 
 
 def data_fingerprint(folder: Path) -> dict:
@@ -74,8 +69,10 @@ def _adapter_folder(root: Path) -> Path:
 
 def train_round(project: Project, model, tokenizer, examples: list[dict], out: Path, log, progress: bool):
     """Train one round from ``model`` with the project's method; returns (trained model merged, kind, stats)."""
-    from cairn.config import LoraConfig, TrainingConfig, _build
-    from cairn.methods import trainable
+    from cairn.config import TrainingConfig, _build
+    from cairn.methods.full import make_full_trainable
+    from cairn.methods.lora import LoraConfig, add_lora_adapter, merge_adapters, save_adapter
+    from cairn.methods.registry import freeze
     from cairn.train.loop import train
 
     method = project.method
@@ -83,20 +80,18 @@ def train_round(project: Project, model, tokenizer, examples: list[dict], out: P
     seed = int(method.get("seed", 0))
     if method["trainable"] == "lora":
         lcfg = _build(LoraConfig, method["lora"], "project method.lora", str(project.path))
-        model = trainable.add_lora_adapter(model, lcfg, 0, seed)
+        model = add_lora_adapter(model, lcfg, 0, seed)
     else:
-        model = trainable.make_full_trainable(model)
+        model = make_full_trainable(model)
     result = train(model, tokenizer, examples, tcfg, seed=seed, log=log, progress=progress)
     stats = {"steps": result.steps, "tokens": result.tokens, "seconds": result.seconds}
     if method["trainable"] == "lora":
-        trainable.save_adapter(model, 0, out / "saved")
+        save_adapter(model, 0, out / "saved")
         folder = _adapter_folder(out / "saved")
-        return trainable.merge_adapters(model), "adapter", folder, stats
+        return merge_adapters(model), "adapter", folder, stats
     model.save_pretrained(out / "model", safe_serialization=True)
     tokenizer.save_pretrained(out / "model")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model, "model", out / "model", stats
+    return freeze(model), "model", out / "model", stats
 
 
 def _live_probes(project: Project) -> list:

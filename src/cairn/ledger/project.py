@@ -31,7 +31,8 @@ def now() -> str:
 
 
 def default_method(trainable: str = "lora") -> dict:
-    from cairn.config import LoraConfig, TrainingConfig
+    from cairn.config import TrainingConfig
+    from cairn.methods.lora import LoraConfig
 
     if trainable not in ("lora", "full"):
         raise CairnError(f"--method must be lora or full (sequential), got {trainable!r}")
