@@ -80,7 +80,8 @@ def test_cpu_variant_is_small_and_loads():
     data = yaml.safe_load((PAPER / "cpu.yaml").read_text())
     assert data["model"] == "smollm2-135m" and data["seeds"] == [0, 1, 2]
     assert sum(t["max_train"] for t in data["tasks"]) <= 400
-    assert [t["name"] for t in data["tasks"]] == [n for n in ORDER if n != "MeetingBank"]
+    # the paper's order, less MeetingBank (no train file in the pack) and the two long-prompt tasks
+    assert [t["name"] for t in data["tasks"]] == [n for n in ORDER if n not in ("MeetingBank", "Py150", "20Minuten")]
     config_from_dict(_loadable(data), "cpu.yaml")
 
 
@@ -93,7 +94,7 @@ def test_cpu_variant_runs_end_to_end(data_dir, tmp_path):
     from cairn.experiment import run_experiment
 
     sets = [f"data_dir={data_dir}", "evaluation.old_knowledge.data_dir=" + str(data_dir)]
-    sets += [f"tasks.{i}.max_test=8" for i in range(6)] + [f"tasks.{i}.max_train=16" for i in range(6)]
+    sets += [f"tasks.{i}.max_test=8" for i in range(4)] + [f"tasks.{i}.max_train=16" for i in range(4)]
     if "seeds" in _fields(ExperimentConfig):
         sets.append("seeds=[0]")
     cfg = load_config(PAPER / "cpu.yaml", sets)
