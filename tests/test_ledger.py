@@ -426,3 +426,24 @@ def test_merge_folds_sibling_adapters_into_one_gated_release(project_with_c1, tm
     assert cli("ledger", "merge", project_with_c1, "--name", "x", "--releases", "c1", "nope") == 2
     assert cli("ledger", "merge", project_with_c1, "--name", "c2", "--releases", "c1", "both") == 2  # name taken
     assert dump(project_with_c1) == before
+
+
+def test_cairn_run_records_its_rounds_into_a_project(project, tmp_path, tiny_model_dir, capsys):
+    """`cairn run --ledger P`: each sequential round becomes a release of P, chained from the base and gated."""
+    import yaml
+
+    cfg = {"name": "w", "model": str(tiny_model_dir),
+           "tasks": [{"name": t, "format": "demo", "path": t, "entities": 2, "max_new_tokens": 4}
+                     for t in ("zoology", "geography")],
+           "methods": [{"name": "lora", "trainable": "lora", "lora": {"r": 2, "alpha": 4}, "diagnostics": False}],
+           "training": {"max_steps": 1, "batch_size": 4, "max_length": 64}, "evaluation": {"batch_size": 8}}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert cli("run", path, "--out", tmp_path / "exp", "--ledger", project, "--no-progress") == 0
+    assert "ledger" in capsys.readouterr().out
+    proj = open_project(project)
+    r1, r2 = proj.release("w-lora-zoology"), proj.release("w-lora-geography")
+    assert r2.parent_id == r1.id and r1.status in ("accepted", "flagged", "rejected")
+    # a project that does not exist fails before anything runs
+    assert cli("run", path, "--out", tmp_path / "exp2", "--ledger", tmp_path / "nope", "--no-progress") == 2
+    assert not (tmp_path / "exp2").exists()

@@ -8,7 +8,6 @@ changed), without loading model weights (only the tokenizer and the tasks' data 
 from __future__ import annotations
 
 import argparse
-import inspect
 from pathlib import Path
 
 from cairn.errors import CairnError
@@ -36,6 +35,9 @@ def register(sub) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="start again every method whose stored settings differ from this config's")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--ledger", type=Path, default=None, metavar="PROJECT",
+                   help="after the run, record each sequential method's rounds as contributions of this model "
+                        "project (`cairn init`), gated like `cairn ledger import`")
     p.set_defaults(func=run)
 
 
@@ -55,15 +57,31 @@ def run(args: argparse.Namespace) -> int:
     from cairn import verbosity
     from cairn.experiment import execute
 
-    kwargs = {}
-    params = inspect.signature(execute).parameters
-    if args.overwrite:
-        if "overwrite" not in params:  # until the runner stores fingerprints (cairn.fingerprint)
-            raise CairnError("--overwrite is not supported by this runner yet")
-        kwargs["overwrite"] = True
-    if "echo" in params:
-        kwargs["echo"] = verbosity.echo_enabled()
-    return execute(cfg, out, progress=not args.no_progress, **kwargs)
+    project = None
+    if args.ledger is not None:  # opened first: a wrong project path fails before any training
+        from cairn.ledger.project import open_project
+
+        project = open_project(args.ledger)
+    code = execute(cfg, out, progress=not args.no_progress, overwrite=args.overwrite,
+                   echo=verbosity.echo_enabled())
+    if project is not None and code == 0:
+        record_in_ledger(project, cfg, out)
+    return code
+
+
+def record_in_ledger(project, cfg, out: Path) -> None:
+    """Each sequential method's rounds (each seed's) become a chain of contributions from the base."""
+    from cairn.ledger.importer import import_run
+    from cairn.rundir import RunDir
+
+    for method in cfg.methods:
+        if method.strategy != "sequential":
+            continue
+        for mdir in RunDir(out).method_dirs(method.name):
+            seed = f"-{mdir.path.name}" if mdir.path.name.startswith("seed-") else ""
+            rows = import_run(project, mdir.path, prefix=f"{cfg.name}-{method.name}{seed}")
+            for row in rows:
+                print(f"ledger {project.path}: release {row['release']} {row['status']}")
 
 
 def dry_run(cfg, out: Path) -> str:
