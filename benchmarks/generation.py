@@ -3,8 +3,11 @@
 The baseline is what a user (or lm-evaluation-harness's HF backend) writes: batches of prompts in
 input order, left padded, ``model.generate`` with the stop strings (transformers' ``stop_strings``),
 then the text cut at the first stop string. cairn's :func:`cairn.eval.generation.generate` sorts
-prompts by length and checks stop strings incrementally per running row. Both run side by side in
-alternating order; the script prints seconds, the ratio and how many outputs differ (must be 0).
+prompts by length, checks stop strings per running row and drops finished rows from the batch
+(input, mask and KV cache). Both run side by side in alternating order (A/B/B/A...); the script
+prints seconds, the ratio and how many outputs differ (must be 0). It then reports, for short
+answers (1-3 new tokens, classification-style tasks), cairn's time against the floor of one
+batched forward of the same prompts.
 
     python benchmarks/generation.py [--model smollm2-135m] [--n 16] [--max-new-tokens 64]
 """
@@ -78,6 +81,26 @@ def main() -> None:
     c, p = statistics.median(times["cairn"]), statistics.median(times["plain"])
     print(f"\n{args.n} prompts, {args.max_new_tokens} new tokens max: cairn {c:.1f}s, plain generate {p:.1f}s; "
           f"ratio plain/cairn = {p / c:.2f}x; outputs that differ: {differ}")
+    floor(model, tokenizer, texts, args.batch_size)
+
+
+def floor(model, tokenizer, texts, batch_size) -> None:
+    """Short answers: cairn's generation of 1-3 tokens against one batched forward of the prompts."""
+    from cairn.eval.generation import generate
+
+    tokenizer.padding_side = "left"
+    t0 = time.perf_counter()
+    for s in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[s:s + batch_size], return_tensors="pt", padding=True)
+        with torch.no_grad():
+            model(**enc, logits_to_keep=1)
+    fwd = time.perf_counter() - t0
+    for k in (1, 3):
+        t0 = time.perf_counter()
+        generate(model, tokenizer, texts, k, batch_size)
+        g = time.perf_counter() - t0
+        print(f"short answers, {k} new token(s): cairn {g:.2f}s vs one batched forward {fwd:.2f}s "
+              f"-> forward floor share {fwd / g:.0%}")
 
 
 if __name__ == "__main__":
