@@ -3,10 +3,13 @@
 The baseline is what a user (or lm-evaluation-harness's HF backend) writes: batches of prompts in
 input order, left padded, ``model.generate`` with the stop strings (transformers' ``stop_strings``),
 then the text cut at the first stop string. cairn's :func:`cairn.eval.generation.generate` sorts
-prompts by length and checks stop strings incrementally per running row. Both run side by side in
-alternating order; the script prints seconds, the ratio and how many outputs differ (must be 0).
+prompts by length, checks stop strings per running row and drops finished rows from the batch
+(input, mask and KV cache). Both run side by side in alternating order (A/B/B/A...); the script
+prints seconds, the ratio and how many outputs differ (must be 0). It then reports, for short
+answers (1-3 new tokens, classification-style tasks), cairn's time against the floor of one
+batched forward of the same prompts.
 
-    python benchmarks/generation.py [--model smollm2-135m] [--n 16] [--max-new-tokens 64]
+    python benchmarks/generation.py [--model smollm2-135m] [--n 16] [--max-new-tokens 64] [--threads 1]
 """
 
 from __future__ import annotations
@@ -33,6 +36,18 @@ def prompts(n: int, seed: int = 0) -> list[str]:
     return out
 
 
+def gsm8k_prompts(data: str, n: int, shots: int = 2) -> list[str]:
+    """GSM8K test questions after ``shots`` solved training examples (lm-eval's prompt and stops)."""
+    import json
+    from pathlib import Path
+
+    from cairn.eval.gsm8k import build_prompt
+
+    read = lambda f: [json.loads(line) for line in (Path(data) / "gsm8k" / f).read_text().splitlines() if line]
+    train, test = read("train.jsonl")[:shots], read("test.jsonl")[:n]
+    return [build_prompt(row, train) for row in test]
+
+
 def plain(model, tokenizer, texts, max_new_tokens, batch_size, stop):
     from cairn.eval.generation import cut_at_stop
 
@@ -55,14 +70,27 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--prompts", choices=("reports", "gsm8k"), default="reports",
+                    help="reports: built-in notes->report prompts; gsm8k: GSM8K 2-shot from --data")
+    ap.add_argument("--data", help="the data pack directory (holding gsm8k/), for --prompts gsm8k")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads (0: torch's default). On a CPU shared with other jobs, 1 avoids "
+                         "OpenMP threads waiting on each other at every op, which swamps both timings")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from cairn.eval.generation import generate
     from cairn.models import load_model, load_tokenizer
 
     tokenizer, model = load_tokenizer(args.model), load_model(args.model)
     model.eval()
-    texts, stop = prompts(args.n), ["\n\n", "Notes:"]
+    if args.prompts == "gsm8k":
+        from cairn.eval.gsm8k import STOP
+
+        texts, stop = gsm8k_prompts(args.data, args.n), STOP + [tokenizer.eos_token]
+    else:
+        texts, stop = prompts(args.n), ["\n\n", "Notes:"]
     times: dict[str, list[float]] = {"cairn": [], "plain": []}
     results = {}
     for r in range(args.repeats):
@@ -78,6 +106,30 @@ def main() -> None:
     c, p = statistics.median(times["cairn"]), statistics.median(times["plain"])
     print(f"\n{args.n} prompts, {args.max_new_tokens} new tokens max: cairn {c:.1f}s, plain generate {p:.1f}s; "
           f"ratio plain/cairn = {p / c:.2f}x; outputs that differ: {differ}")
+    short = sum(len(tokenizer(o, add_special_tokens=False)["input_ids"]) < args.max_new_tokens - 2
+                for o in results["cairn"])
+    print(f"outputs that stopped early (stop string/EOS): {short}/{args.n} -- cairn's gain comes from these rows "
+          f"leaving the batch; with none, both do the same work")
+    floor(model, tokenizer, texts, args.batch_size)
+
+
+def floor(model, tokenizer, texts, batch_size) -> None:
+    """Short answers: cairn's generation of 1-3 tokens against one batched forward of the prompts."""
+    from cairn.eval.generation import generate
+
+    tokenizer.padding_side = "left"
+    t0 = time.perf_counter()
+    for s in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[s:s + batch_size], return_tensors="pt", padding=True)
+        with torch.no_grad():
+            model(**enc, logits_to_keep=1)
+    fwd = time.perf_counter() - t0
+    for k in (1, 3):
+        t0 = time.perf_counter()
+        generate(model, tokenizer, texts, k, batch_size)
+        g = time.perf_counter() - t0
+        print(f"short answers, {k} new token(s): cairn {g:.2f}s vs one batched forward {fwd:.2f}s "
+              f"-> forward floor share {fwd / g:.0%}")
 
 
 if __name__ == "__main__":
