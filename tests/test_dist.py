@@ -19,6 +19,9 @@ import torch
 
 from cairn import dist
 
+# Every test here launches several processes (torchrun / subprocesses): see the "multiprocess" marker.
+pytestmark = pytest.mark.multiprocess
+
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "dist_worker.py"
 

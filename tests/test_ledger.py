@@ -243,10 +243,12 @@ def _check_race(project: Path, tmp_path: Path, base_dir: Path) -> None:
         assert any(e.release_id == c.release_id for e in proj.evaluations())
 
 
+@pytest.mark.multiprocess
 def test_two_processes_contribute_at_once_sqlite(project, tmp_path, tiny_model_dir):
     _check_race(project, tmp_path, tiny_model_dir)
 
 
+@pytest.mark.multiprocess
 def test_two_processes_contribute_at_once_postgresql(tmp_path, tiny_model_dir):
     try:
         import pgserver
