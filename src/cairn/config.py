@@ -267,6 +267,21 @@ class TrackingConfig:
 # --- end ux ---
 
 
+# --- storage section (issue 12, item 5: disk) ---
+@dataclass
+class StorageConfig:
+    fft_format: Literal["full", "delta"] = _help(
+        "How a full-fine-tuning round's weights are stored: full (model.safetensors, a folder transformers "
+        "loads) or delta (model.delta: a bit-exact compressed XOR against the previous round or the base; "
+        "resume, the update diagnostics and combine steps restore it; `cairn eval`/export of the round folder "
+        "need full).", "full")
+    keep_models: Literal["all", "last", "needed"] = _help(
+        "Which full-fine-tuning round models stay on disk (not yet applied by the runner: all).", "all")
+    bf16_copy: bool = _help("Also save a bf16 copy of each full-fine-tuning round (model-bf16/), with its "
+                            "rounding error relative to the round's update in the log.", False)
+# --- end storage ---
+
+
 @dataclass
 class ExperimentConfig:
     name: str = _help("Experiment name.")
@@ -286,6 +301,7 @@ class ExperimentConfig:
     combine: list[CombineConfig] = _help("Combiners run after the methods: merges and mixtures of a "
                                          "one-round method's artifacts, evaluated like a round.", factory=list)
     tracking: TrackingConfig = _help("Experiment tracking (loss curves, scores).", factory=TrackingConfig)  # ux
+    storage: StorageConfig = _help("How round models are stored on disk.", factory=StorageConfig)
 
     def training_for(self, method: MethodConfig, source: str = "the config") -> TrainingConfig:
         """The experiment's training settings with the method's overrides applied (validated)."""
