@@ -116,3 +116,31 @@ def test_tied_embeddings_stored_once_and_restored(tmp_path):
     header = data[16:16 + struct.unpack("<Q", data[8:16])[0]].decode()  # magic, u64 length, JSON header
     assert "model.embed_tokens.weight" in header and "lm_head.weight" not in header
     _assert_bit_equal(_state(tmp_path / "delta/fft"), _state(tmp_path / "full/fft"))
+
+
+def test_keep_models_other_than_all_refused_and_delta_round_folder_refused(tmp_path, tiny_model_dir):
+    with pytest.raises(CairnError, match="keep_models: last is not supported"):
+        _cfg(tiny_model_dir, [{"name": "fft", "trainable": "full"}], {"keep_models": "last"})
+    from cairn.rundir import round_artifact
+
+    (tmp_path / "fft/rounds/01-a/model").mkdir(parents=True)
+    (tmp_path / "fft/rounds/01-a/model/config.json").write_text("{}")
+    assert round_artifact(tmp_path / "fft/rounds/01-a") == tmp_path / "fft/rounds/01-a/model"
+    (tmp_path / "fft/rounds/01-a/model/model.delta").write_bytes(b"x")
+    with pytest.raises(CairnError, match="storage.fft_format: delta"):
+        round_artifact(tmp_path / "fft/rounds/01-a")
+
+
+@pytest.mark.parametrize("exc, code", [(CairnError("bad input here"), 2), (RuntimeError("a bug"), 1)])
+def test_cairn_run_exit_code_by_failure_kind(tmp_path, tiny_model_dir, monkeypatch, capsys, exc, code):
+    """Every failure a CairnError (bad input, diverged loss): exit 2 with the message; any other crash: 1."""
+    from cairn import experiment
+
+    def fail(self, *args, **kwargs):
+        raise exc
+
+    monkeypatch.setattr(experiment.Runner, "run_method", fail)
+    cfg = _cfg(tiny_model_dir, [{"name": "fft", "trainable": "full"}], tasks=TASKS[:1])
+    assert experiment.execute(cfg, tmp_path / "e", progress=False, echo=False) == code
+    if code == 2:
+        assert "fft: failed: bad input here" in capsys.readouterr().err
