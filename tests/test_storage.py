@@ -119,8 +119,8 @@ def test_tied_embeddings_stored_once_and_restored(tmp_path):
 
 
 def test_keep_models_other_than_all_refused_and_delta_round_folder_refused(tmp_path, tiny_model_dir):
-    with pytest.raises(CairnError, match="keep_models: last is not supported"):
-        _cfg(tiny_model_dir, [{"name": "fft", "trainable": "full"}], {"keep_models": "last"})
+    with pytest.raises(CairnError, match="keep_models: last with fft_format: delta"):
+        _cfg(tiny_model_dir, [{"name": "fft", "trainable": "full"}], {"keep_models": "last", "fft_format": "delta"})
     from cairn.rundir import round_artifact
 
     (tmp_path / "fft/rounds/01-a/model").mkdir(parents=True)
@@ -144,3 +144,20 @@ def test_cairn_run_exit_code_by_failure_kind(tmp_path, tiny_model_dir, monkeypat
     assert experiment.execute(cfg, tmp_path / "e", progress=False, echo=False) == code
     if code == 2:
         assert "fft: failed: bad input here" in capsys.readouterr().err
+
+
+def test_keep_models_last_removes_earlier_rounds_and_rerun_does_not_retrain(tmp_path, tiny_model_dir):
+    cfg = _cfg(tiny_model_dir, [{"name": "fft", "trainable": "full"}], {"keep_models": "last"})
+    assert run_experiment(cfg, tmp_path / "e", progress=False)["status"] == {"fft": "ok"}
+    rounds = tmp_path / "e/fft/rounds"
+    assert not (rounds / "01-zoology/model").exists() and (rounds / "01-zoology/round.json").is_file()
+    assert (rounds / "02-geography/model/model.safetensors").is_file()
+    # a rerun (results gone) finds both rounds done: nothing is retrained, round 1 is not restored
+    (tmp_path / "e/fft/results.json").unlink()
+    before = (rounds / "02-geography/round.json").read_text()
+    assert run_experiment(cfg, tmp_path / "e", progress=False)["status"] == {"fft": "ok"}
+    assert (rounds / "02-geography/round.json").read_text() == before and not (rounds / "01-zoology/model").exists()
+    from cairn.commands.export import export_round
+
+    with pytest.raises(CairnError, match="removed after its round finished"):
+        export_round(tmp_path / "e", "fft", 1, tmp_path / "out")

@@ -308,6 +308,7 @@ class Runner:
                                                         log_fn=tr.round_log_fn(k, ctx.label, ctx.rdir, offset))
                 if _is_main():
                     write_round(ctx.rdir, record, preds)
+                    self.prune(method_cfg, mdir, plan, k, finished=False, log=log)
                 _barrier()  # the round's artifact and record exist before any process reads them
                 rounds.append(record)
                 at = k
@@ -318,10 +319,32 @@ class Runner:
             diagnostics = self.diagnostics(method, method_cfg, mdir, rounds)
             results = self.finish(method_cfg.name, mdir, rounds, method_cfg.strategy, diagnostics,
                                   extra={"trainable": method_cfg.trainable, "replay": method_cfg.replay})
+            if _is_main():
+                self.prune(method_cfg, mdir, plan, len(plan), finished=True, log=log)
             tr.log_results(results)
             return results
         finally:
             tr.finish()
+
+    def prune(self, method_cfg: MethodConfig, mdir: MethodDir, plan: list, k: int, finished: bool, log) -> None:
+        """storage.keep_models: remove full-fine-tuning round models no later step reads (round.json stays,
+        so a rerun does not train them again). Ingredients of a combine step are kept."""
+        from cairn.io.delta import rounds_to_keep
+
+        policy = self.cfg.storage.keep_models
+        if policy == "all" or method_cfg.trainable != "full":
+            return
+        if policy == "last" and method_cfg.diagnostics and not finished:
+            policy = "needed"  # the update diagnostics read every round at the method's end
+        names = [mdir.round(i, plan[i - 1][0]).name for i in range(1, k + 1)]
+        pending = any(c.source == method_cfg.name for c in self.cfg.combine)
+        keep = set(rounds_to_keep(policy, names, trainable="full", strategy=method_cfg.strategy,
+                                  method_finished=finished, combine_sources_pending=pending))
+        for i, name in enumerate(names, start=1):
+            folder = mdir.round(i, plan[i - 1][0]) / "model"
+            if name not in keep and folder.is_dir():
+                shutil.rmtree(folder)
+                log(f"{method_cfg.name}: removed {folder} (storage.keep_models: {self.cfg.storage.keep_models})")
 
     def train_round(self, method: Method, model, ctx: RoundContext, last: bool, log_fn=None):
         model = method.prepare(model, ctx)
@@ -405,6 +428,8 @@ class Runner:
 
         labels = [r.label for r in rounds[1:]]
         dirs = [mdir.round(k, label) for k, label in enumerate(labels, start=1)]
+        if method_cfg.trainable == "full" and not all((d / "model").is_dir() for d in dirs):
+            return None  # storage.keep_models removed earlier rounds (a rerun after the method finished)
         found = method.trainable.updates(self.context(method_cfg, 1, print), dirs)
         if found is None:
             return None
