@@ -45,7 +45,7 @@ def main() -> None:
     from cairn.config import TrainingConfig
     from cairn.data.demo import generate_domain
     from cairn.io.delta import available_codecs, bf16_copy_error, read_delta, write_delta
-    from cairn.methods.trainable import make_full_trainable
+    from cairn.methods.full import make_full_trainable
     from cairn.models import load_model, load_tokenizer
     from cairn.train.loop import train
 

@@ -219,13 +219,14 @@ def test_cairn_run_with_seeds_prints_the_summary_and_fails_nonzero(tmp_path, tin
     assert main(["run", str(path), "--seeds", "2", "--out", str(tmp_path / "exp"), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "±" in out and "report:" in out  # the demo's summary: mean ± sd over the two seeds, the report
-    # a method that fails (here: its base adapter folder is missing on resume) makes `cairn run` exit non-zero
+    # a method that fails (here: its base adapter folder is missing on resume, a CairnError) makes `cairn run`
+    # exit non-zero: 2, as for any run whose every failure is a CairnError (bad input, diverged loss)
     import shutil
 
     (tmp_path / "exp" / "lora" / "seed-1" / "results.json").unlink()
     (tmp_path / "exp" / "lora" / "seed-1" / "rounds" / "02-geography" / "round.json").unlink()
     shutil.rmtree(tmp_path / "exp" / "lora" / "seed-1" / "rounds" / "01-zoology" / "adapter")
-    assert main(["run", str(path), "--seeds", "2", "--out", str(tmp_path / "exp"), "--no-progress"]) == 1
+    assert main(["run", str(path), "--seeds", "2", "--out", str(tmp_path / "exp"), "--no-progress"]) == 2
     assert "seed 1: failed" in capsys.readouterr().out
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import shutil
 import time
 import traceback
 from dataclasses import dataclass
@@ -181,6 +182,7 @@ class Runner:
         seeded = self.multi_seed
         status: dict[str, str | dict] = {}
         results: dict[str, dict] = {}
+        crashed = False  # a failure that is not a CairnError (bad input, diverged loss): `cairn run` exits 1, not 2
         base = self.base_record(log)
         steps = [(m.name, m, self.run_method) for m in self.cfg.methods]
         steps += [(c.name, c, self.run_combiner) for c in self.cfg.combine]
@@ -205,12 +207,14 @@ class Runner:
                         slog(f"{name} failed: {exc}")
                     except OSError as exc:  # robust guard: a full or read-only disk stops the run
                         if exc.errno not in DISK_ERRNOS:
+                            crashed = True
                             done[name] = f"failed: {type(exc).__name__}: {exc}"
                             slog(f"{name} crashed:\n{traceback.format_exc()}")
                         else:
                             slog(f"{name} stopped: {exc}")
                             raise CairnError(disk_error_message(exc, name)) from None
                     except Exception as exc:  # keep the other steps' results; the traceback goes to the log
+                        crashed = True
                         done[name] = f"failed: {type(exc).__name__}: {exc}"
                         slog(f"{name} crashed:\n{traceback.format_exc()}")
                 if seeded:
@@ -223,7 +227,7 @@ class Runner:
                 self.cfg.name, [name for name, _, _ in steps], status,
                 seeds=[s for s in self.seeds if s is not None] or None))
         _barrier()
-        return {"status": status, "results": results}
+        return {"status": status, "results": results, "crashed": crashed}
 
     def world_line(self) -> str:
         """World size, device and precision, said at the start of every run (issue 10: a launcher that
@@ -304,6 +308,7 @@ class Runner:
                                                         log_fn=tr.round_log_fn(k, ctx.label, ctx.rdir, offset))
                 if _is_main():
                     write_round(ctx.rdir, record, preds)
+                    self.prune(method_cfg, mdir, plan, k, finished=False, log=log)
                 _barrier()  # the round's artifact and record exist before any process reads them
                 rounds.append(record)
                 at = k
@@ -314,10 +319,32 @@ class Runner:
             diagnostics = self.diagnostics(method, method_cfg, mdir, rounds)
             results = self.finish(method_cfg.name, mdir, rounds, method_cfg.strategy, diagnostics,
                                   extra={"trainable": method_cfg.trainable, "replay": method_cfg.replay})
+            if _is_main():
+                self.prune(method_cfg, mdir, plan, len(plan), finished=True, log=log)
             tr.log_results(results)
             return results
         finally:
             tr.finish()
+
+    def prune(self, method_cfg: MethodConfig, mdir: MethodDir, plan: list, k: int, finished: bool, log) -> None:
+        """storage.keep_models: remove full-fine-tuning round models no later step reads (round.json stays,
+        so a rerun does not train them again). Ingredients of a combine step are kept."""
+        from cairn.io.delta import rounds_to_keep
+
+        policy = self.cfg.storage.keep_models
+        if policy == "all" or method_cfg.trainable != "full":
+            return
+        if policy == "last" and method_cfg.diagnostics and not finished:
+            policy = "needed"  # the update diagnostics read every round at the method's end
+        names = [mdir.round(i, plan[i - 1][0]).name for i in range(1, k + 1)]
+        pending = any(c.source == method_cfg.name for c in self.cfg.combine)
+        keep = set(rounds_to_keep(policy, names, trainable="full", strategy=method_cfg.strategy,
+                                  method_finished=finished, combine_sources_pending=pending))
+        for i, name in enumerate(names, start=1):
+            folder = mdir.round(i, plan[i - 1][0]) / "model"
+            if name not in keep and folder.is_dir():
+                shutil.rmtree(folder)
+                log(f"{method_cfg.name}: removed {folder} (storage.keep_models: {self.cfg.storage.keep_models})")
 
     def train_round(self, method: Method, model, ctx: RoundContext, last: bool, log_fn=None):
         model = method.prepare(model, ctx)
@@ -356,6 +383,11 @@ class Runner:
         kind = source.trainable.ingredient_kind
         src_dir = self.method_dir(comb.source)
         paths = []
+        if _is_main():  # delta-stored FFT ingredients are materialised once, by the writing process
+            for k, (label, _) in enumerate(source.plan(self.tasks), start=1):
+                if src_dir.round(k, label).is_dir():
+                    source.trainable.ingredient(src_dir.round(k, label), k)
+        _barrier()
         for k, (label, _) in enumerate(source.plan(self.tasks), start=1):
             path = source.trainable.ingredient(src_dir.round(k, label), k)
             if not path.is_dir():
@@ -371,11 +403,16 @@ class Runner:
                 training_for=lambda over: self.cfg.training_with(over, f"combine[{comb.name}].router_training"),
                 checkpoints=cdir.checkpoints("routers"), progress=self.progress, log=log)
             t0 = time.perf_counter()
-            model, stats = steps.build(comb, kind, paths, rdir, self.tasks, inputs)
+            model, stats = steps.build(comb, kind, paths, rdir, self.tasks, inputs, write=_is_main())
             record, preds = self.scored(model, comb.name, True,
                                         {"build_seconds": time.perf_counter() - t0, "stats": stats})
-            write_round(rdir, record, preds)
+            if _is_main():
+                write_round(rdir, record, preds)
             log(f"{comb.name}: " + ", ".join(f"{t.name}={s:.3f}" for t, s in zip(self.tasks, record.scores)))
+        if _is_main():  # full copies materialised from delta-stored ingredients (storage.fft_format: delta)
+            for path in paths:
+                if path.name == "model-full":
+                    shutil.rmtree(path, ignore_errors=True)
         label = f"{comb.kind}:{comb.method if comb.kind == 'merge' else 'moe'}"
         return self.finish(comb.name, cdir, [base, record], label=label,
                            extra={"kind": comb.kind, "source": comb.source, "trainable": source_cfg.trainable,
@@ -391,6 +428,8 @@ class Runner:
 
         labels = [r.label for r in rounds[1:]]
         dirs = [mdir.round(k, label) for k, label in enumerate(labels, start=1)]
+        if method_cfg.trainable == "full" and not all((d / "model").is_dir() for d in dirs):
+            return None  # storage.keep_models removed earlier rounds (a rerun after the method finished)
         found = method.trainable.updates(self.context(method_cfg, 1, print), dirs)
         if found is None:
             return None
@@ -517,7 +556,9 @@ def execute(cfg: ExperimentConfig, out_dir: Path | None = None, progress: bool =
             echo: bool = True) -> int:
     """`cairn run`: run, print the summary (round tables, comparison, findings) and the report's path.
 
-    Exit status 1 if any method or combine step failed (for any seed), else 0.
+    Exit status 0 when every method and combine step finished (for every seed); 2 when each failure
+    was a :class:`CairnError` (bad input, or a diverged loss: ``TrainingDiverged``), whose messages go
+    to stderr; 1 when any step crashed otherwise (the traceback is in its log).
     """
     from cairn.commands.demo import print_summary
 
@@ -534,8 +575,17 @@ def execute(cfg: ExperimentConfig, out_dir: Path | None = None, progress: bool =
             flat[name] = st
     print_summary(out, flat)
     print(f"\nexperiment directory: {out}  ({elapsed / 60:.1f} min)")
-    failed = [name for name, st in outcome["status"].items() if not rundir.status_ok(st)]
-    return 1 if failed else 0
+    failed = {name: st for name, st in outcome["status"].items() if not rundir.status_ok(st)}
+    if not failed:
+        return 0
+    if outcome.get("crashed", True):
+        return 1
+    import sys
+
+    for name, st in failed.items():
+        for line in ([f"seed {s}: {v}" for s, v in st.items() if v != "ok"] if isinstance(st, dict) else [st]):
+            print(f"error: {name}: {line}", file=sys.stderr)
+    return 2
 
 
 def load_method_model(method_dir: Path):

@@ -60,11 +60,24 @@ def router_examples(comb, tasks: list, seed: int, split: str = "eval") -> list[l
     return per_task
 
 
-def build(comb, kind: str, paths: list[Path], rdir: Path, tasks: list, inp: CombineInputs):
-    """Write the combined artifact under ``rdir``; return (model to evaluate, statistics)."""
+def build(comb, kind: str, paths: list[Path], rdir: Path, tasks: list, inp: CombineInputs, write: bool = True):
+    """Write the combined artifact under ``rdir``; return (model to evaluate, statistics).
+
+    ``write=False`` (a non-main process of a multi-process run): nothing is written; the process waits
+    at a barrier for the main process's artifact and reads it (every process must call ``build``).
+    """
     if comb.kind == "merge":
-        return _merge(comb, kind, paths, rdir, inp)
-    return _moe(comb, kind, paths, rdir, tasks, inp)
+        return _merge(comb, kind, paths, rdir, inp, write)
+    return _moe(comb, kind, paths, rdir, tasks, inp, write)
+
+
+def _written(write: bool, make: Callable[[], Any]) -> Any:
+    """Run ``make`` (which writes an artifact) on the writing process only, then let every process read it."""
+    from cairn import dist
+
+    out = make() if write else None
+    dist.barrier()
+    return out
 
 
 def _load(path: Path, dtype: str):
@@ -74,18 +87,20 @@ def _load(path: Path, dtype: str):
     return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
 
 
-def _merge(comb, kind: str, paths: list[Path], rdir: Path, inp: CombineInputs):
+def _merge(comb, kind: str, paths: list[Path], rdir: Path, inp: CombineInputs, write: bool = True):
     params = {k: v for k, v in vars(comb.typed_params()).items() if v is not None}
     art = rdir / "merged"
     if kind == "model":
         from cairn.combine.merge_models import merge_models
 
-        stats = merge_models(inp.base_path, paths, art, comb.method, overwrite=True, progress=inp.progress, **params)
-        return _load(art, inp.dtype), stats
+        stats = _written(write, lambda: merge_models(inp.base_path, paths, art, comb.method, overwrite=True,
+                                                     progress=inp.progress, **params))
+        return _load(art, inp.dtype), stats or {}
     from cairn.combine.merge_lora import merge_adapters
 
-    stats = merge_adapters(paths, art, comb.method, mode=comb.lora_mode, rank=comb.rank, base=inp.base_path,
-                           overwrite=True, progress=inp.progress, **params)
+    stats = _written(write, lambda: merge_adapters(paths, art, comb.method, mode=comb.lora_mode, rank=comb.rank,
+                                                   base=inp.base_path, overwrite=True, progress=inp.progress,
+                                                   **params)) or {}
     if comb.lora_mode == "full":
         return _load(art, inp.dtype), stats
     from peft import PeftModel
@@ -94,7 +109,7 @@ def _merge(comb, kind: str, paths: list[Path], rdir: Path, inp: CombineInputs):
     return model.eval(), stats
 
 
-def _moe(comb, kind: str, paths: list[Path], rdir: Path, tasks: list, inp: CombineInputs):
+def _moe(comb, kind: str, paths: list[Path], rdir: Path, tasks: list, inp: CombineInputs, write: bool = True):
     """MoE mixing, routers optionally trained on a few examples per task."""
     from cairn.combine.router_training import (MixtralAuxLoss, RoutedLoRAAuxLoss, freeze_all_but_routers,
                                                require_router_data)
@@ -109,8 +124,9 @@ def _moe(comb, kind: str, paths: list[Path], rdir: Path, tasks: list, inp: Combi
         from cairn.combine.moe_fft import build_fft_moe
 
         art = rdir / "moe"
-        stats = build_fft_moe(inp.base_path, paths, art, router_prompts=prompts, overwrite=True,
-                              tokenizer=inp.tokenizer, seed=inp.seed, **params.builder_kwargs())
+        stats = _written(write, lambda: build_fft_moe(inp.base_path, paths, art, router_prompts=prompts,
+                                                      overwrite=True, tokenizer=inp.tokenizer, seed=inp.seed,
+                                                      **params.builder_kwargs())) or {}
         model = _load(art, inp.dtype)
         parts = [MixtralAuxLoss(params.aux_loss_coef)]
         MixtralAuxLoss.prepare(model)
@@ -134,11 +150,11 @@ def _moe(comb, kind: str, paths: list[Path], rdir: Path, tasks: list, inp: Combi
     if kind == "model":
         # Router logits are only needed for the aux loss; with a KV cache they break generation.
         model.config.output_router_logits = False
-        if comb.router_training is not None:
+        if comb.router_training is not None and write:
             with atomic.atomic_dir(rdir / "moe", overwrite=True) as tmp:
                 model.save_pretrained(tmp, safe_serialization=True)
                 inp.tokenizer.save_pretrained(tmp)
-    else:
+    elif write:
         from cairn.combine.moe_lora import save_lora_moe
 
         save_lora_moe(model, rdir / "lora-moe", overwrite=True)

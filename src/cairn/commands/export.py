@@ -152,6 +152,12 @@ def export_round(run_dir: Path, method: str, k: int, out: Path, merge: bool = Fa
     record = json.loads((rdir / "round.json").read_text(encoding="utf-8"))
     adapter = adapter_dir(rdir, k)
     model_dir = rdir / "model"
+    if mcfg is not None and mcfg.trainable == "full" and not model_dir.is_dir():  # [storage helper]
+        raise CairnError(f"{model_dir} was removed after its round finished (storage.keep_models: "
+                         f"{cfg.storage.keep_models}); rerun with storage.keep_models: all to keep every round")
+    if (model_dir / "model.delta").is_file():  # [storage helper] delta-stored FFT round: not a folder to copy yet
+        raise CairnError(f"{model_dir} is stored as a delta (storage.fft_format: delta); export needs a full "
+                         f"checkpoint: rerun the method with --set storage.fft_format=full")
     if mcfg is None or mcfg.trainable == "loramoe" or not (adapter is not None or model_dir.is_dir()):
         raise CairnError(f"{rdir} holds no vanilla model or LoRA adapter (a LoRAMoE round or a combine step's "
                          "mixture); only LoRA and full fine-tuning rounds can be exported")
