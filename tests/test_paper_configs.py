@@ -94,7 +94,9 @@ def test_cpu_variant_runs_end_to_end(data_dir, tmp_path):
     from cairn.experiment import run_experiment
 
     sets = [f"data_dir={data_dir}", "evaluation.old_knowledge.data_dir=" + str(data_dir)]
-    sets += [f"tasks.{i}.max_test=8" for i in range(4)] + [f"tasks.{i}.max_train=16" for i in range(4)]
+    # CI-sized: the pipeline end to end (every task, both methods, old knowledge, report), not the numbers
+    sets += [f"tasks.{i}.max_test=4" for i in range(4)] + [f"tasks.{i}.max_train=8" for i in range(4)]
+    sets += ["training.max_steps=1", "training.batch_size=4", "evaluation.old_knowledge.limit=8"]
     if "seeds" in _fields(ExperimentConfig):
         sets.append("seeds=[0]")
     cfg = load_config(PAPER / "cpu.yaml", sets)
