@@ -90,11 +90,10 @@ def round_dir(mdir: Path, k: int) -> Path:
 def adapter_dir(rdir: Path, k: int) -> Path | None:
     """Round ``k``'s PEFT adapter folder: ``adapter/`` itself (a vanilla PEFT adapter) or, in runs written
     before that layout, ``adapter/round<k>/`` (PEFT's folder for a named adapter); None when neither."""
-    folder = Path(rdir) / "adapter"
-    for candidate in (folder, folder / f"round{k}"):
-        if (candidate / "adapter_config.json").is_file():
-            return candidate
-    return None
+    from cairn.methods.lora import adapter_dir as lora_adapter_dir  # the one definition of both layouts
+
+    folder = lora_adapter_dir(rdir, k)
+    return folder if (folder / "adapter_config.json").is_file() else None
 
 
 def _load_cfg(mdir: Path, run_dir: Path):
