@@ -118,17 +118,17 @@ def test_tied_embeddings_stored_once_and_restored(tmp_path):
     _assert_bit_equal(_state(tmp_path / "delta/fft"), _state(tmp_path / "full/fft"))
 
 
-def test_keep_models_other_than_all_refused_and_delta_round_folder_refused(tmp_path, tiny_model_dir):
-    with pytest.raises(CairnError, match="keep_models: last with fft_format: delta"):
-        _cfg(tiny_model_dir, [{"name": "fft", "trainable": "full"}], {"keep_models": "last", "fft_format": "delta"})
+def test_delta_round_folder_is_a_round_artifact(tmp_path, tiny_model_dir):
+    # keep_models other than all with fft_format delta loads (kept deltas are re-based before a prune)
+    cfg = _cfg(tiny_model_dir, [{"name": "fft", "trainable": "full"}], {"keep_models": "last", "fft_format": "delta"})
+    assert cfg.storage.keep_models == "last"
     from cairn.rundir import round_artifact
 
     (tmp_path / "fft/rounds/01-a/model").mkdir(parents=True)
     (tmp_path / "fft/rounds/01-a/model/config.json").write_text("{}")
     assert round_artifact(tmp_path / "fft/rounds/01-a") == tmp_path / "fft/rounds/01-a/model"
     (tmp_path / "fft/rounds/01-a/model/model.delta").write_bytes(b"x")
-    with pytest.raises(CairnError, match="storage.fft_format: delta"):
-        round_artifact(tmp_path / "fft/rounds/01-a")
+    assert round_artifact(tmp_path / "fft/rounds/01-a") == tmp_path / "fft/rounds/01-a/model"
 
 
 @pytest.mark.parametrize("exc, code", [(CairnError("bad input here"), 2), (RuntimeError("a bug"), 1)])

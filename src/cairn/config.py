@@ -273,13 +273,14 @@ class StorageConfig:
     fft_format: Literal["full", "delta"] = _help(
         "How a full-fine-tuning round's weights are stored: full (model.safetensors, a folder transformers "
         "loads) or delta (model.delta: a bit-exact compressed XOR against the previous round or the base; "
-        "resume, the update diagnostics and combine steps restore it; `cairn eval`/export of the round folder "
-        "need full).", "full")
+        "resume, `cairn eval`/`cairn export` of the round, the update diagnostics, combine steps and "
+        "`cairn ledger import` restore it by walking its parent chain).", "full")
     keep_models: Literal["all", "last", "needed"] = _help(
         "Which full-fine-tuning round models stay on disk: all; last (the latest round only; the earlier go "
         "once a later one is saved); needed (every round until the method ends, then the last). round.json "
-        "stays, so a rerun does not retrain a removed round. Combine ingredients are kept. Needs fft_format: "
-        "full.", "all")
+        "stays, so a rerun does not retrain a removed round. Combine ingredients are kept. With fft_format: "
+        "delta a kept round whose parent is removed is first re-stored as a delta against the nearest kept "
+        "round or the base.", "all")
     bf16_copy: bool = _help("Also save a bf16 copy of each full-fine-tuning round (model-bf16/), with its "
                             "rounding error relative to the round's update in the log.", False)
 # --- end storage ---
@@ -546,10 +547,6 @@ def validate(cfg: ExperimentConfig, source: str) -> None:
 
     check_trackers(cfg.tracking.report_to, f"{source}: tracking.report_to")
     _check_ranges(cfg, source)
-    if cfg.storage.keep_models != "all" and cfg.storage.fft_format == "delta":
-        raise CairnError(f"{source}: storage.keep_models: {cfg.storage.keep_models} with fft_format: delta: a delta "
-                         "round is restored through every earlier round, so none can be removed; use "
-                         "keep_models: all or fft_format: full")
     for method in cfg.methods:
         cfg.training_for(method, source)  # validates the overrides
         if not 0.0 <= method.replay <= 1.0:

@@ -282,6 +282,9 @@ class Runner:
         _barrier()
         if mdir.results.is_file():
             log(f"{method_cfg.name}: already complete, reading {mdir.results}")
+            if _is_main():  # a run killed while pruning after its results left models the policy removes
+                plan = self.methods[method_cfg.name].plan(self.tasks)
+                self.prune(method_cfg, mdir, plan, len(plan), finished=True, log=log)
             return rundir.read_results(mdir.results)
         # The experiment's seed stays (it fixes the tasks' subsamples); a seed-<s>/ folder names its seed.
         if _is_main():
@@ -328,23 +331,26 @@ class Runner:
 
     def prune(self, method_cfg: MethodConfig, mdir: MethodDir, plan: list, k: int, finished: bool, log) -> None:
         """storage.keep_models: remove full-fine-tuning round models no later step reads (round.json stays,
-        so a rerun does not train them again). Ingredients of a combine step are kept."""
+        so a rerun does not train them again). Ingredients of a combine step are kept. A kept delta round
+        whose parent goes is first re-based onto the nearest kept round or the base
+        (:func:`cairn.io.fft_round.prune_models`, crash-safe)."""
         from cairn.io.delta import rounds_to_keep
+        from cairn.io.fft_round import prune_models
 
         policy = self.cfg.storage.keep_models
         if policy == "all" or method_cfg.trainable != "full":
             return
         if policy == "last" and method_cfg.diagnostics and not finished:
             policy = "needed"  # the update diagnostics read every round at the method's end
-        names = [mdir.round(i, plan[i - 1][0]).name for i in range(1, k + 1)]
+        dirs = {i: mdir.round(i, plan[i - 1][0]) for i in range(1, k + 1)}
         pending = any(c.source == method_cfg.name for c in self.cfg.combine)
-        keep = set(rounds_to_keep(policy, names, trainable="full", strategy=method_cfg.strategy,
-                                  method_finished=finished, combine_sources_pending=pending))
-        for i, name in enumerate(names, start=1):
-            folder = mdir.round(i, plan[i - 1][0]) / "model"
-            if name not in keep and folder.is_dir():
-                shutil.rmtree(folder)
-                log(f"{method_cfg.name}: removed {folder} (storage.keep_models: {self.cfg.storage.keep_models})")
+        keep = set(rounds_to_keep(policy, [d.name for d in dirs.values()], trainable="full",
+                                  strategy=method_cfg.strategy, method_finished=finished,
+                                  combine_sources_pending=pending))
+        prefix = f"{method_cfg.name}: "
+        for folder in prune_models(dirs, {i for i, d in dirs.items() if d.name in keep}, self.load_base,
+                                   log=lambda line: log(prefix + line)):
+            log(f"{prefix}removed {folder} (storage.keep_models: {self.cfg.storage.keep_models})")
 
     def train_round(self, method: Method, model, ctx: RoundContext, last: bool, log_fn=None):
         model = method.prepare(model, ctx)

@@ -155,13 +155,10 @@ def _round_key(p: Path) -> tuple[int, str]:
 
 
 def round_artifact(round_dir: Path) -> Path | None:
-    """The loadable model of a round directory: a transformers folder or a PEFT adapter folder."""
+    """The model of a round directory: a transformers folder, a PEFT adapter folder, or a full-fine-tuning
+    ``model/`` stored as a delta (``model.delta``; load it with :func:`cairn.io.fft_round.load_round`)."""
     for name in ARTIFACTS:
         path = Path(round_dir) / name
-        if (path / "model.delta").is_file():  # storage.fft_format: delta: restored only by the runner
-            raise CairnError(f"{path} holds a delta against the previous round (storage.fft_format: delta), not a "
-                             f"loadable checkpoint: evaluate the method's directory ({Path(round_dir).parent.parent}) "
-                             "or rerun with storage.fft_format: full")
         if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
             return path
         if path.is_dir():  # adapter/<adapter name>/ (PEFT saves a selected adapter one level down)

@@ -24,11 +24,13 @@ def register(subparsers) -> None:
         "eval",
         help="evaluate a model on the old-knowledge suite (MMLU, ARC, HellaSwag, ...)",
         description="Evaluate MODEL (a built-in name, a Hugging Face model folder or hub id, a PEFT adapter folder, "
-        "or a run directory: its last round's artifact) on the old-knowledge suite, with lm-evaluation-harness's "
-        "prompts and metrics. Tasks: " + ", ".join(OLD_KNOWLEDGE_TASKS) + ".",
+        "a run's round folder (a full-fine-tuning round stored as a delta is restored through its earlier "
+        "rounds), or a run directory: its last round's artifact) on the old-knowledge suite, with "
+        "lm-evaluation-harness's prompts and metrics. Tasks: " + ", ".join(OLD_KNOWLEDGE_TASKS) + ".",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("model", metavar="MODEL", help="model spec, PEFT adapter folder, or run directory")
+    p.add_argument("model", metavar="MODEL",
+                   help="model spec, PEFT adapter folder, round folder (rounds/NN-<task>/), or run directory")
     p.add_argument("--suite", default="old-knowledge", choices=SUITES, help="which suite to run")
     p.add_argument("--tasks", nargs="+", default=None, metavar="TASK",
                    help="tasks to run (default: the 8 multiple-choice tasks; 'all' adds gsm8k)")
@@ -73,6 +75,9 @@ def resolve_artifact(spec: str) -> tuple[str, str | None]:
     from cairn.rundir import MethodDir, round_artifact
 
     path = Path(spec).expanduser()
+    own = round_artifact(path) if path.is_dir() and path.parent.name == "rounds" else None
+    if own is not None:  # a round folder, rounds/NN-<task>/: its model or adapter
+        path = own
     if path.is_dir() and not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
         artifacts = [a for a in (round_artifact(r) for r in MethodDir(path).rounds()) if a is not None]
         if not artifacts:
@@ -97,6 +102,13 @@ def resolve_artifact(spec: str) -> tuple[str, str | None]:
     return spec if not path.is_dir() else str(path), None
 
 
+def delta_round(path: str) -> bool:
+    """Whether ``path`` is a full-fine-tuning round's ``model/`` stored as a delta (storage.fft_format: delta)."""
+    from cairn.io.fft_round import is_delta
+
+    return Path(path).is_dir() and is_delta(Path(path))
+
+
 def load_for_eval(spec: str, dtype: str = "float32", device: str | None = None):
     """(model, tokenizer, base path, adapter) for a model spec / adapter / run dir, ready for scoring."""
     import torch
@@ -114,7 +126,12 @@ def load_for_eval(spec: str, dtype: str = "float32", device: str | None = None):
         return model.to(device).eval(), tokenizer, str(path), None
     base, adapter = resolve_artifact(spec)
     tokenizer = models.load_tokenizer(adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else base)
-    model = models.load_model(base, dtype=dtype)
+    if adapter is None and delta_round(base):  # a full-fine-tuning round stored as a delta: its chain restored
+        from cairn.io.fft_round import load_round
+
+        model = load_round(Path(base)).to(getattr(torch, dtype))
+    else:
+        model = models.load_model(base, dtype=dtype)
     if adapter:
         from peft import PeftModel
         from safetensors import SafetensorError

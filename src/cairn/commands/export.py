@@ -15,7 +15,9 @@ What a round's adapter applies to depends on the method, and the export says so:
 - ``sequential: stack``: round k's adapter applies on top of rounds 1..k-1's adapters (all active);
   ``--merge`` merges all k; without it the same record is written.
 - ``strategy: one-round``: each round's adapter applies to the raw base.
-- full fine-tuning: each round is already a full model (``--merge`` changes nothing).
+- full fine-tuning: each round is already a full model (``--merge`` changes nothing); a round stored
+  as a delta (``storage.fft_format: delta``) is restored bit-exactly through its parent chain
+  (:func:`cairn.io.fft_round.write_round_folder`) and written as a plain safetensors checkpoint.
 - LoRAMoE rounds are not a vanilla artifact and are refused.
 
 The output is built in a temporary sibling directory and renamed into place; ``--push-to-hub`` checks
@@ -154,9 +156,6 @@ def export_round(run_dir: Path, method: str, k: int, out: Path, merge: bool = Fa
     if mcfg is not None and mcfg.trainable == "full" and not model_dir.is_dir():  # [storage helper]
         raise CairnError(f"{model_dir} was removed after its round finished (storage.keep_models: "
                          f"{cfg.storage.keep_models}); rerun with storage.keep_models: all to keep every round")
-    if (model_dir / "model.delta").is_file():  # [storage helper] delta-stored FFT round: not a folder to copy yet
-        raise CairnError(f"{model_dir} is stored as a delta (storage.fft_format: delta); export needs a full "
-                         f"checkpoint: rerun the method with --set storage.fft_format=full")
     if mcfg is None or mcfg.trainable == "loramoe" or not (adapter is not None or model_dir.is_dir()):
         raise CairnError(f"{rdir} holds no vanilla model or LoRA adapter (a LoRAMoE round or a combine step's "
                          "mixture); only LoRA and full fine-tuning rounds can be exported")
@@ -174,9 +173,10 @@ def export_round(run_dir: Path, method: str, k: int, out: Path, merge: bool = Fa
         applies = None
     tasks = [t.name for t in cfg.tasks]
     with atomic.atomic_dir(out, overwrite=overwrite) as tmp:
-        if kind == "full":
-            for item in model_dir.iterdir():  # the round's own transformers checkpoint
-                (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        if kind == "full":  # the round's transformers checkpoint: copied, or restored from its delta chain
+            from cairn.io.fft_round import write_round_folder
+
+            write_round_folder(model_dir, tmp)
             library = "transformers"
         elif merge:
             model, tokenizer = _rebuild_merged(cfg, mcfg, run_dir, mdir, k, one_round, seed)

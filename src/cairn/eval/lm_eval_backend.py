@@ -158,7 +158,7 @@ def resolve_model(spec: str, dtype: str = "float32", device: str | None = None) 
     loaded; a PEFT adapter folder becomes ``pretrained=<its base>,peft=<folder>``; anything else is a
     model folder, built-in name or hub id.
     """
-    from cairn.commands.eval import load_for_eval, resolve_artifact
+    from cairn.commands.eval import delta_round, load_for_eval, resolve_artifact
     from cairn.models import resolve_model_path
 
     path = Path(spec).expanduser()
@@ -166,6 +166,9 @@ def resolve_model(spec: str, dtype: str = "float32", device: str | None = None) 
         model, tokenizer, _, _ = load_for_eval(spec, dtype, device or default_device())
         return model, tokenizer, ""
     base, adapter = resolve_artifact(spec)
+    if adapter is None and delta_round(base):  # a delta-stored full-fine-tuning round: restored, handed over loaded
+        model, tokenizer, _, _ = load_for_eval(base, dtype, device or default_device())
+        return model, tokenizer, ""
     return resolve_model_path(base), None, f"peft={adapter}" if adapter else ""
 
 

@@ -16,7 +16,9 @@ at lr 1e-5 and 1.77x at lr 1e-4 with zstd or zlib alike; zstd encodes ~6x faster
 No library stores bit-exact weight deltas (safetensors stores whole tensors; lossy delta
 compression such as BitDelta or DARE changes the model), so this format is hand-written. It is one
 file: an 8-byte magic, a little-endian u64 header length, a JSON header (codec, per tensor: name,
-dtype, shape, mode ``xor``/``raw``, byte range, CRCs), then the compressed blobs.
+dtype, shape, mode ``xor``/``raw``, byte range, CRCs; ``meta``: what the caller says the parent is,
+e.g. its round, so the file alone names its parent and a re-based delta replaces one file atomically),
+then the compressed blobs.
 
 Also here: :func:`bf16_copy_error`, the rounding error of an optional bf16 copy measured against
 the round's update (at lr 1e-5 an update is below bf16's resolution and the copy erases it), and
@@ -130,8 +132,9 @@ def _crc(raw: np.ndarray) -> int:
 # -- encode / decode -----------------------------------------------------------------------------
 
 def encode_delta(parent: Mapping[str, torch.Tensor], child: Mapping[str, torch.Tensor], codec: str | None = None,
-                 level: int | None = None) -> bytes:
-    """The bytes of a delta file that turns ``parent`` into ``child`` exactly (see the module docstring)."""
+                 level: int | None = None, meta: dict | None = None) -> bytes:
+    """The bytes of a delta file that turns ``parent`` into ``child`` exactly (see the module docstring);
+    ``meta`` (JSON-able) goes into the header as it is (:func:`read_delta_meta` reads it back)."""
     codec = codec or default_codec()
     entries, blobs, offset = [], [], 0
     for name, tensor in child.items():
@@ -154,21 +157,32 @@ def encode_delta(parent: Mapping[str, torch.Tensor], child: Mapping[str, torch.T
         offset += len(blob)
         entries.append(entry)
         blobs.append(blob)
-    header = json.dumps({"format": "cairn-delta", "version": 1, "codec": codec, "tensors": entries}).encode()
+    header = {"format": "cairn-delta", "version": 1, "codec": codec, "tensors": entries}
+    if meta is not None:
+        header["meta"] = meta
+    header = json.dumps(header).encode()
     return b"".join([MAGIC, struct.pack("<Q", len(header)), header, *blobs])
 
 
-def decode_delta(data: bytes, parent: Mapping[str, torch.Tensor], where: str = "delta") -> dict[str, torch.Tensor]:
-    """The child's tensors from a delta's bytes and the parent it was made against."""
+def _header(data: bytes, where: str) -> tuple[dict, int]:
+    """(the JSON header, where the blobs start) of a delta file's bytes (or its first bytes)."""
     if len(data) < 16 or data[:8] != MAGIC:
         raise CairnError(f"{where} is not a cairn delta file (bad magic); it is corrupt or another format")
     (hlen,) = struct.unpack("<Q", data[8:16])
     try:
         header = json.loads(data[16:16 + hlen].decode())
-        codec, entries = header["codec"], header["tensors"]
-    except (ValueError, KeyError, UnicodeDecodeError):
-        raise CairnError(f"{where}: the header is corrupt (truncated or overwritten file)") from None
-    body = memoryview(data)[16 + hlen:]
+    except (ValueError, UnicodeDecodeError):
+        header = None
+    if not isinstance(header, dict) or "codec" not in header or "tensors" not in header:
+        raise CairnError(f"{where}: the header is corrupt (truncated or overwritten file)")
+    return header, 16 + hlen
+
+
+def decode_delta(data: bytes, parent: Mapping[str, torch.Tensor], where: str = "delta") -> dict[str, torch.Tensor]:
+    """The child's tensors from a delta's bytes and the parent it was made against."""
+    header, start = _header(data, where)
+    codec, entries = header["codec"], header["tensors"]
+    body = memoryview(data)[start:]
     out = {}
     for e in entries:
         name = e["name"]
@@ -207,23 +221,49 @@ def decode_delta(data: bytes, parent: Mapping[str, torch.Tensor], where: str = "
 
 
 def write_delta(path: str | os.PathLike, parent: Mapping[str, torch.Tensor], child: Mapping[str, torch.Tensor],
-                codec: str | None = None, level: int | None = None) -> dict:
-    """Write the delta atomically (temp file + fsync + rename, as cairn.atomic does for text); returns sizes."""
+                codec: str | None = None, level: int | None = None, meta: dict | None = None) -> dict:
+    """Write the delta atomically (temp file + fsync + rename, then fsync of the folder so the rename
+    itself survives a power cut before anything that relies on it, such as deleting the old parent);
+    returns sizes."""
+    from cairn import atomic
+
     path = Path(path)
-    data = encode_delta(parent, child, codec, level)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    try:
+    data = encode_delta(parent, child, codec, level, meta)
+    with atomic.atomic_file(path) as tmp:  # also removes a killed writer's temp file
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    _fsync_dir(path.parent)
     raw = sum(t.numel() * t.element_size() for t in child.values())
     return {"bytes": len(data), "raw_bytes": raw, "ratio": raw / max(len(data), 1)}
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # Windows cannot open a directory; its renames are durable without it
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_delta_meta(path: str | os.PathLike) -> dict | None:
+    """The ``meta`` a delta file was written with (None when written without), reading only its header."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+            if len(head) == 16 and head[:8] == MAGIC:
+                head += f.read(struct.unpack("<Q", head[8:16])[0])
+    except OSError as exc:
+        raise CairnError(f"cannot read delta {path}: {exc.strerror}") from None
+    meta = _header(head, str(path))[0].get("meta")
+    return meta if isinstance(meta, dict) else None
 
 
 def read_delta(path: str | os.PathLike, parent: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -2,16 +2,18 @@
 
 A method directory (``runs/<exp>/<method>/`` or ``.../<method>/seed-<s>/``) holds ``results.json``
 (tasks and metrics), ``rounds/NN-<task>/{round.json, predictions.json, adapter|model}`` and the
-experiment's ``base/predictions.json``. Round k is recorded as a release built on round k-1 (on the
+experiment's ``base/predictions.json``; a full-fine-tuning round stored as a delta is imported as the
+full model it restores to. Round k is recorded as a release built on round k-1 (on the
 chosen release for the first round, or for every round of a one-round method) with the round's
 artifact; the task's test questions become its probe set, and every evaluation is re-scored item by
-item from the stored predictions, so an import needs no model and no GPU. The gate runs on those
+item from the stored predictions, so an import evaluates nothing and needs no GPU. The gate runs on those
 scores exactly as for a contribution. All rounds are recorded in one transaction.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -38,6 +40,17 @@ def _method_dir(run_dir: Path, method: str | None) -> tuple[Path, Path]:
         names = ", ".join(d.name for d in done) or "none finished"
         raise CairnError(f"{run_dir}: pick one finished method with --method (found: {names})")
     return done[0], run_dir
+
+
+def _put_artifact(project, artifact: Path) -> str:
+    """Store a round's artifact; a full-fine-tuning round kept as a delta (storage.fft_format: delta) is
+    stored as the full model it stands for, restored through its parent chain (a release must load alone)."""
+    from cairn.io.fft_round import is_delta, write_round_folder
+
+    if not is_delta(artifact):
+        return project.store.put_dir(artifact)
+    with tempfile.TemporaryDirectory(prefix="cairn-import-") as tmp:
+        return project.store.put_dir(write_round_folder(artifact, Path(tmp) / "model"))
 
 
 def import_run(project, run_dir: Path, method: str | None = None, parent: str = "base", prefix: str | None = None,
@@ -96,7 +109,7 @@ def import_run(project, run_dir: Path, method: str | None = None, parent: str = 
             rows.append({"probe": pname, "metric": metrics[task], "parent": parent_scores[pname],
                          "release": release_scores[pname], "new": pname == name})
         gate = decide(rows, project.policy)
-        sha = project.store.put_dir(artifact)
+        sha = _put_artifact(project, artifact)
         items.append(dict(
             release={"name": name, "parent_name": parent_rec["name"], "kind": "import", "artifact_sha": sha,
                      "artifact_kind": kind, "status": gate["status"], "gate": gate,

@@ -6,8 +6,9 @@ transformers loads; it is also what combiners receive (one full model per task).
 
 With ``storage.fft_format: delta`` a round's ``model/`` keeps the config, tokenizer and
 ``cairn_parent.json`` but its weights as ``model.delta``: the bit-exact XOR delta against the parent
-(the previous round, or the base for round 1 and one-round methods; :mod:`cairn.io.delta`). Restoring
-chains from the base; combiners get a full folder materialised next to it (``model-full/``).
+(the previous round, or the base for round 1 and one-round methods; :mod:`cairn.io.delta`).
+Restoring walks the parent chain (:mod:`cairn.io.fft_round`); combiners get a full folder
+materialised next to it (``model-full/``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from cairn import atomic
-from cairn.errors import CairnError
+from cairn.io import fft_round
+from cairn.io.delta import DELTA_FILE
 from cairn.methods.registry import RoundContext, register_trainable
 
 
@@ -50,20 +52,18 @@ class FullFineTuning:
             if storage.fft_format == "delta" or storage.bf16_copy:
                 parent_k = 0 if ctx.method.strategy == "one-round" else ctx.k - 1
                 parent = self._state(ctx, parent_k)
-                child = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+                child = fft_round.cpu_state(model)
             if storage.fft_format == "delta":
-                from cairn.io.delta import DELTA_FILE, write_delta
+                from cairn.models import resolve_model_path
 
                 model.config.save_pretrained(tmp)
                 if getattr(model, "generation_config", None) is not None:
                     model.generation_config.save_pretrained(tmp)
-                # tied weights (lm_head = embed_tokens) once: the delta of the copy would double the file
-                sizes = write_delta(tmp / DELTA_FILE, _untied(parent, _tied_names(model)),
-                                    _untied(child, _tied_names(model)))
-                from cairn.models import resolve_model_path
-
-                record["delta"] = {"file": DELTA_FILE, "parent_round": parent_k, "dtype": ctx.cfg.dtype,
-                                   "base_path": str(resolve_model_path(ctx.cfg.model)), **sizes}
+                base = resolve_model_path(ctx.cfg.model)
+                base = str(Path(base).resolve()) if Path(base).is_dir() else base  # a relative folder, made absolute
+                record["delta"] = fft_round.write_round_delta(tmp / DELTA_FILE, model, parent, child, parent_k,
+                                                              ctx.cfg.dtype, base)
+                sizes = record["delta"]
                 ctx.log(f"round {ctx.k}: model stored as a delta against "
                         f"{'the base' if parent_k == 0 else f'round {parent_k}'}: {sizes['bytes'] / 1e6:.1f} MB "
                         f"({sizes['ratio']:.2f}x smaller than the raw tensors)")
@@ -94,66 +94,32 @@ class FullFineTuning:
 
     def _state(self, ctx: RoundContext, upto: int) -> dict:
         """The state dict after round ``upto`` (0: the base) on the CPU, bit-exact."""
-        return {k: v.detach().cpu() for k, v in self.restore(ctx, upto).state_dict().items()}
+        return fft_round.cpu_state(self.restore(ctx, upto))
 
     def restore(self, ctx: RoundContext, upto: int):
-        import torch
-        from transformers import AutoModelForCausalLM
-
+        """Round ``upto``'s model, full or delta-stored (:func:`cairn.io.fft_round.load_round`, the one
+        definition shared with eval, export, the ledger importer and the ingredients)."""
         if upto == 0:
             return ctx.load_base()
-        path = ctx.round_dir(upto) / "model"
-        _require_kept(path)
-        from cairn import rundir
-        from cairn.io.delta import DELTA_FILE, read_delta
-
-        if not (path / DELTA_FILE).is_file():
-            return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, ctx.cfg.dtype))
-        info = (rundir.read_parent(path) or {}).get("delta") or {}
-        model = self.restore(ctx, int(info.get("parent_round", upto - 1)))
-        parent = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        _load_untied(model, read_delta(path / DELTA_FILE, _untied(parent, _tied_names(model))), path)
-        return model
+        return fft_round.load_round(ctx.round_dir(upto) / "model", load_base=ctx.load_base, dtype=ctx.cfg.dtype)
 
     def ingredient(self, rdir: Path, k: int) -> Path:
         """A transformers folder for combiners: the round's ``model/``, or for a delta round a full copy
-        materialised once into ``model-full/`` (atomically; :func:`cleanup_ingredient` removes it)."""
+        materialised once into ``model-full/`` (atomically; the combine step removes it afterwards)."""
         path = rdir / "model"
-        from cairn.io.delta import DELTA_FILE
-
-        if not (path / DELTA_FILE).is_file():
+        if not fft_round.is_delta(path):
             return path
         out = rdir / "model-full"
-        if (out / "model.safetensors").is_file():
+        if out.is_dir():  # written by atomic_dir: complete when present
             return out
-        import shutil
-
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        from cairn import rundir
-        from cairn.io.delta import read_delta
-
-        info = rundir.read_parent(path)["delta"]
-        if int(info["parent_round"]) != 0:
-            raise CairnError(f"{path}: a delta against round {info['parent_round']}; only one-round (base-parented) "
-                             "rounds are combine ingredients")
-        model = AutoModelForCausalLM.from_pretrained(info["base_path"], dtype=getattr(torch, info["dtype"]))
-        parent = {n: v.detach().cpu() for n, v in model.state_dict().items()}
-        _load_untied(model, read_delta(path / DELTA_FILE, _untied(parent, _tied_names(model))), path)
         with atomic.atomic_dir(out, overwrite=True) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
-            for item in path.iterdir():
-                if item.name != DELTA_FILE and item.name not in ("config.json", "generation_config.json"):
-                    shutil.copy2(item, tmp / item.name)
+            fft_round.write_round_folder(path, tmp)
         return out
 
     def updates(self, ctx: RoundContext, rdirs: list[Path]):
         """Each round's ΔW against the round before (the base for round 1), for the diagnostics."""
         from cairn.eval.round_updates import checkpoint_updates
         from cairn.models import resolve_model_path
-
-        from cairn.io.delta import DELTA_FILE
 
         if any((d / "model" / DELTA_FILE).is_file() for d in rdirs):
             return self._delta_updates(ctx, len(rdirs)), None, None
@@ -174,51 +140,10 @@ class FullFineTuning:
         return updates
 
 
-def _tied_names(model) -> dict[str, str]:
-    """{output embedding weight: input embedding weight} when the config ties them (SmolLM2, Llama-3.2...)."""
-    if not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
-        return {}
-    out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
-    names = {id(m): n for n, m in model.named_modules()}
-    if out_emb is None or in_emb is None or id(out_emb) not in names or id(in_emb) not in names:
-        return {}
-    return {f"{names[id(out_emb)]}.weight": f"{names[id(in_emb)]}.weight"}
-
-
-def _untied(state: dict, tied: dict[str, str]) -> dict:
-    """The state without tied copies that equal their source (a copy that differs is kept)."""
-    return {n: t for n, t in state.items()
-            if not (n in tied and tied[n] in state and torch_equal(t, state[tied[n]]))}
-
-
-def torch_equal(a, b) -> bool:
-    import torch
-
-    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
-
-
-def _load_untied(model, state: dict, where: Path) -> None:
-    """Load a state dict stored with tied weights once; a tied copy left out gets its source's values."""
-    tied = _tied_names(model)
-    for name, source in tied.items():
-        if name not in state and source in state:
-            state[name] = state[source]
-    result = model.load_state_dict(state, strict=False)
-    if result.unexpected_keys or result.missing_keys:
-        raise CairnError(f"{where}: the stored delta does not match the model (missing {result.missing_keys[:3]}, "
-                         f"unexpected {result.unexpected_keys[:3]}); was the base model changed?")
-
-
 def _storage(cfg):
     from cairn.config import StorageConfig
 
     return getattr(cfg, "storage", None) or StorageConfig()
-
-
-def _require_kept(path: Path) -> None:
-    if not path.is_dir():
-        raise CairnError(f"{path} is missing: its round finished, but the model was removed (storage.keep_models "
-                         "policy, or deleted by hand); rerun with storage.keep_models: all to keep every round")
 
 
 register_trainable("full", FullFineTuning)
