@@ -30,6 +30,8 @@ def main() -> None:
         return evaluate(Path(sys.argv[2]))
     if sys.argv[1] == "fsdp":
         return fsdp(Path(sys.argv[2]))
+    if sys.argv[1] == "resume":
+        return resume(Path(sys.argv[2]))
     mode, batch_size, grad_accum, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
     tok = CharTokenizer()
     examples = [{"prompt": f"Q{i}: what is {i}?", "answer": f" a{i % 3}"} for i in range(16)]
@@ -86,6 +88,45 @@ def fsdp(out: Path) -> None:
         sys.exit(3)
     if dist.is_main():
         make_tiny_llama().save_pretrained(out, state_dict=result.state_dict)
+
+
+def resume(out: Path) -> None:
+    """Full fine-tuning interrupted after step 5 (checkpoint at 4, between logging steps 3 and 6) and
+    resumed, next to the uninterrupted run, in this world; writes both runs' tokens and loss logs."""
+    import json
+
+    from cairn import dist
+    from cairn.config import TrainingConfig
+    from cairn.methods.full import make_full_trainable
+    from cairn.train.loop import train
+    from conftest import CharTokenizer, make_tiny_llama
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_at_5(step):
+        if step == 5:
+            raise Interrupt
+
+    tok = CharTokenizer()
+    examples = [{"prompt": f"Q{i}: what is {i}?", "answer": f" a{i % 3}"} for i in range(16)]
+    cfg = TrainingConfig(max_steps=8, lr=5e-3, batch_size=2, grad_accum=2, warmup_ratio=0.0, log_every=3,
+                         save_every=2, max_length=48)
+    runs = {}
+    runs["reference"] = train(make_full_trainable(make_tiny_llama()), tok, examples, cfg, seed=1, progress=False,
+                              log=lambda s: None)
+    ckpt = out.parent / "ckpt"
+    try:
+        train(make_full_trainable(make_tiny_llama()), tok, examples, cfg, seed=1, checkpoint_dir=ckpt,
+              progress=False, log=lambda s: None, on_step=stop_at_5)
+    except Interrupt:
+        pass
+    dist.barrier()
+    runs["resumed"] = train(make_full_trainable(make_tiny_llama()), tok, examples, cfg, seed=1, checkpoint_dir=ckpt,
+                            progress=False, log=lambda s: None)
+    if dist.is_main():
+        out.write_text(json.dumps({k: {"tokens": r.tokens, "log": r.log, "world": r.world_size}
+                                   for k, r in runs.items()}))
 
 
 def evaluate(out: Path) -> None:

@@ -8,6 +8,7 @@ after ~4 AdamW steps at lr 5e-3).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -77,6 +78,22 @@ def test_two_processes_equal_one_with_same_global_batch(tmp_path, mode, accum):
     assert w1.keys() == w2.keys() and w1
     for name in w1:
         assert torch.allclose(w1[name], w2[name], atol=1e-5), (name, (w1[name] - w2[name]).abs().max())
+
+
+@pytest.mark.skipif(not gloo_available(), reason="torch.distributed with gloo is not available in this torch build")
+def test_two_process_round_resumed_mid_way_keeps_its_counters(tmp_path):
+    """The checkpoint holds the loss sums of every process since the last log; the resumed round's log
+    and token count equal the uninterrupted one's (the sums are regrouped: float64 rounding at most)."""
+    _run(["resume", str(tmp_path / "out.json")], nproc=2)
+    runs = json.loads((tmp_path / "out.json").read_text())
+    ref, got = runs["reference"], runs["resumed"]
+    assert got["world"] == 2 and got["tokens"] == ref["tokens"] > 0
+    assert [e["step"] for e in got["log"]] == [e["step"] for e in ref["log"]] == [3, 6, 8]
+    for a, b in zip(got["log"], ref["log"]):
+        assert a.keys() == b.keys()
+        for key in a:
+            if key != "tokens_per_second":
+                assert a[key] == pytest.approx(b[key], rel=1e-9), (a["step"], key)
 
 
 @pytest.mark.skipif(not gloo_available(), reason="torch.distributed with gloo is not available in this torch build")

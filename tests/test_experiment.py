@@ -54,6 +54,52 @@ def test_rerun_resumes_from_finished_rounds(tmp_path, tiny_model_dir):
     assert second["matrix"] == first["matrix"]  # same seed, same data: the rerun round is identical
 
 
+def test_round_interrupted_mid_way_records_what_an_uninterrupted_one_does(tmp_path, tiny_model_dir, monkeypatch):
+    """A round stopped after step 2 (checkpointed every step) and resumed writes the round.json of an
+    uninterrupted round: tokens, steps and the whole loss log, wall times aside."""
+    import functools
+
+    from cairn import experiment
+
+    def cfg():
+        c = _cfg(tiny_model_dir, [{"name": "fft", "trainable": "full", "diagnostics": False}])
+        c.training.max_steps, c.training.save_every, c.training.log_every = 4, 1, 3
+        return c
+
+    assert run_experiment(cfg(), tmp_path / "ref", progress=False)["status"] == {"fft": "ok"}
+    real = experiment.train
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_at_2(step):
+        if step == 2:
+            raise Interrupt
+
+    @functools.wraps(real)
+    def interrupted(*args, **kwargs):
+        if "02-geography" in str(kwargs.get("checkpoint_dir")):
+            kwargs["on_step"] = stop_at_2
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(experiment, "train", interrupted)
+    assert run_experiment(cfg(), tmp_path / "got", progress=False)["status"]["fft"].startswith("failed")
+    monkeypatch.undo()
+    assert run_experiment(cfg(), tmp_path / "got", progress=False)["status"] == {"fft": "ok"}
+    assert "resuming from step 2/4" in (tmp_path / "got/fft/log.txt").read_text()
+
+    def record(run, rdir):
+        train = json.loads((run / "fft/rounds" / rdir / "round.json").read_text())["train"]
+        assert train["seconds"] > 0
+        return {k: v for k, v in train.items() if k not in ("seconds", "tokens_per_second")} | {
+            "log": [{k: v for k, v in e.items() if k != "tokens_per_second"} for e in train["log"]]}
+
+    for rdir in ("01-zoology", "02-geography"):
+        want = record(tmp_path / "ref", rdir)
+        assert [e["step"] for e in want["log"]] == [3, 4] and want["tokens"] > 0
+        assert record(tmp_path / "got", rdir) == want  # one process, same kernels: exactly equal
+
+
 def test_failing_method_does_not_lose_others(tmp_path, tiny_model_dir):
     cfg = _cfg(tiny_model_dir, [
         {"name": "bad", "trainable": "lora", "nlora": {"lam": [0.1]}},  # no λ for round 2

@@ -25,8 +25,9 @@ Accelerate, launched with ``torchrun`` or ``accelerate launch``):
   batch), which would end a linear schedule after 1/world of training. cairn's schedule is written
   for the global batch, so it is stepped once per optimizer step;
 - checkpoints store trainable params, optimizer, scheduler and RNG states (main process writes,
-  others wait); rerunning after an interruption continues from the last checkpoint and, in one
-  process, ends with bit-identical weights;
+  others wait) and the round's counters (tokens seen, the loss log so far, training seconds, the
+  loss sums since the last logging step); rerunning after an interruption continues from the last
+  checkpoint and, in one process, ends with bit-identical weights and the same record (timings aside);
 - loss is on answer tokens only (see :mod:`cairn.data.encode`); the output layer is applied only at
   answer positions (see :func:`answer_token_loss`);
 - bf16 is autocast (trainable weights stay float32), on CPU and GPU alike, through Accelerate. The
@@ -281,9 +282,10 @@ def train(
     scheduler = get_scheduler(cfg.scheduler if cfg.scheduler != "constant" else "constant_with_warmup",
                               optimizer, num_warmup_steps=int(cfg.warmup_ratio * steps), num_training_steps=steps)
 
-    start = 0
+    start, resumed = 0, {}
     if checkpoint_dir is not None and ckpt.has_checkpoint(checkpoint_dir):
-        start = ckpt.load_checkpoint(checkpoint_dir, raw, optimizer, scheduler)["step"]
+        resumed = ckpt.load_checkpoint(checkpoint_dir, raw, optimizer, scheduler)
+        start = resumed["step"]
         say(f"resuming from step {start}/{steps} ({checkpoint_dir})")
 
     result = TrainResult(steps=steps, tokens=0, seconds=0.0, world_size=world)
@@ -298,6 +300,14 @@ def train(
     t0 = t_log = time.perf_counter()
     running: dict[str, float] = {}
     running_n, log_tokens, log_targets = 0, 0, 0
+    # A resumed round continues the interrupted one's counters (round.json's tokens, loss log, seconds;
+    # the loss sums since the last logging step), so its record equals an uninterrupted round's.
+    result.tokens, result.log = resumed.get("tokens", 0), list(resumed.get("log", []))
+    seconds_before = resumed.get("seconds", 0.0)
+    if "running" in resumed:
+        # the saved sums are over every process: one process carries them, so the next reduce adds them once
+        running = {k: (v if rank == 0 else 0.0) for k, v in resumed["running"].items()}
+        running_n, log_tokens, log_targets = resumed["running_n"], resumed["log_tokens"], resumed["log_targets"]
     try:
         with cast:
             for step in range(start, steps):
@@ -363,12 +373,16 @@ def train(
                         if done == cfg.save_every:
                             say("note: resume checkpoints are not written for sharded (FSDP/ZeRO-3) models")
                     else:
+                        counters = {"tokens": result.tokens, "log": result.log,
+                                    "seconds": seconds_before + time.perf_counter() - t0,
+                                    "running": _sum_running(accelerator, running, world), "running_n": running_n,
+                                    "log_tokens": log_tokens, "log_targets": log_targets}
                         with dist.main_process_writes() as write:
                             if write:
-                                ckpt.save_checkpoint(checkpoint_dir, raw, optimizer, scheduler, done)
+                                ckpt.save_checkpoint(checkpoint_dir, raw, optimizer, scheduler, done, extra=counters)
                 if on_step is not None:
                     on_step(done)
-        result.seconds = time.perf_counter() - t0
+        result.seconds = seconds_before + time.perf_counter() - t0
         if sharded:
             state = accelerator.get_state_dict(model)
             result.state_dict = state if main else None
@@ -394,6 +408,16 @@ def _check_finite(accelerator, bad: str | None, step: int, world: int) -> None:
         raise TrainingDiverged(
             f"training diverged at step {step}: {where} (not finite); nothing was saved for this step. "
             f"Lower training.lr, enable training.max_grad_norm, or check the round's data")
+
+
+def _sum_running(accelerator, running: dict[str, float], world: int) -> dict[str, float]:
+    """The loss sums since the last logging step, summed over processes (for a checkpoint; collective)."""
+    if world == 1 or not running:
+        return dict(running)
+    names = sorted(running)
+    values = torch.tensor([running[k] for k in names], dtype=torch.float64)
+    values = accelerator.reduce(values.to(accelerator.device), "sum").cpu()
+    return dict(zip(names, values.tolist()))
 
 
 def _reduce_running(accelerator, running: dict[str, float], running_n: int, targets: int,
