@@ -7,7 +7,7 @@ reference). Each trial then starts the same command (``python -m cairn.cli run``
 directory, kills it with SIGKILL after a random delay, ``--kills`` times, and reruns it until it
 exits on its own. The finished directory must equal the reference: every results.json (timings
 aside), the results matrices, every predictions.json and every tensor of every saved artifact, bit
-for bit (resume on the same machine and kernels is deterministic), with nothing half-written
+for bit (safetensors tensors and round deltas; resume on the same machine and kernels is deterministic), with nothing half-written
 (no ``.tmp-*`` left, every round directory finished). Prints a summary: trials, kill moments by phase
 (inferred from the run's log at the moment of the kill), identical yes/no. Usage:
 
@@ -169,6 +169,9 @@ def compare(ref: Path, got: Path, metadata: list[str] | None = None) -> list[str
                             tb[k].reshape(-1).view(__import__("torch").uint8))):
                     problems.append(f"{rel}: tensor {k} differs")
                     break
+        elif rel.suffix == ".delta":  # a full-fine-tuning round stored as a delta: same tensors, same bytes
+            if a.read_bytes() != b.read_bytes():
+                problems.append(f"{rel} differs")
         elif rel.name in ("results.json", "round.json", "predictions.json", "round_data.json"):
             # artifact paths inside the records name the run directory itself
             ja = json.loads(a.read_text().replace(str(ref), "<RUN>"))

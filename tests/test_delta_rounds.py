@@ -213,3 +213,39 @@ def test_prune_killed_at_any_moment_leaves_kept_rounds_restorable(runs, tmp_path
     assert json.loads((dirs[3] / "model/cairn_parent.json").read_text())["delta"]["parent_round"] == 0
     assert not list((dirs[3] / "model").glob(".tmp-*"))
     _assert_bit_equal(_state(load_round(dirs[3] / "model")), _reference(runs))
+
+
+def test_merge_and_mix_of_delta_rounds_equal_full(runs, tmp_path, tiny_model_dir):
+    """`cairn merge` / `cairn mix` given delta-stored round folders restore them to temporary full copies."""
+    from cairn.cli import main
+
+    given = {}
+    for name in ("full", "delta"):
+        rounds = runs / name / "fft/rounds"
+        given[name] = [str(rounds / "01-zoology/model"), str(rounds / "03-inventions/model")]
+        assert main(["merge", "--method", "ties", "--base", str(tiny_model_dir), "--models", *given[name],
+                     "--out", str(tmp_path / f"merge-{name}"), "--no-progress"]) == 0
+        assert main(["mix", "--base", str(tiny_model_dir), "--experts", *given[name],
+                     "--out", str(tmp_path / f"mix-{name}")]) == 0
+    for kind in ("merge", "mix"):
+        _assert_bit_equal(load_file(tmp_path / f"{kind}-full/model.safetensors"),
+                          load_file(tmp_path / f"{kind}-delta/model.safetensors"))
+    # the outputs name the folders given, not the temporary copies
+    assert json.loads((tmp_path / "merge-delta/cairn_merge.json").read_text())["models"] == given["delta"]
+    assert json.loads((tmp_path / "mix-delta/moe_manifest.json").read_text())["experts"] == given["delta"]
+
+
+def test_contribute_a_delta_round_as_a_full_model(runs, tmp_path, tiny_model_dir):
+    from cairn.cli import main
+    from cairn.ledger.project import open_project
+
+    project = tmp_path / "proj"
+    assert main(["init", str(project), "--base", str(tiny_model_dir), "--max-drop", "100"]) == 0
+    probe = tmp_path / "p.jsonl"
+    probe.write_text(json.dumps({"prompt": "Q?", "answer": "A"}) + "\n")
+    assert main(["contribute", str(project), "--name", "r1", "--from", "base", "--model",
+                 str(runs / "delta/fft/rounds/01-zoology/model"), "--probe", str(probe),
+                 "--probe-metric", "exact_match"]) == 0
+    proj = open_project(project)
+    folder = proj.store.get_dir(proj.release("r1").artifact_sha, tmp_path / "got")
+    _assert_bit_equal(load_file(folder / "model.safetensors"), _reference(runs, "fft/rounds/01-zoology"))

@@ -39,7 +39,7 @@ def _assert_bit_equal(a, b):
 
 def test_two_round_fft_delta_restores_bit_exactly_and_resumes(tmp_path, tiny_model_dir):
     fft = [{"name": "fft", "trainable": "full"}]
-    full = run_experiment(_cfg(tiny_model_dir, fft), tmp_path / "full", progress=False)
+    full = run_experiment(_cfg(tiny_model_dir, fft, {"fft_format": "full"}), tmp_path / "full", progress=False)
     delta = run_experiment(_cfg(tiny_model_dir, fft, {"fft_format": "delta"}), tmp_path / "delta", progress=False)
     assert full["status"] == delta["status"] == {"fft": "ok"}
     for k, task in ((1, "zoology"), (2, "geography")):
@@ -61,7 +61,7 @@ def test_two_round_fft_delta_restores_bit_exactly_and_resumes(tmp_path, tiny_mod
 def test_delta_one_round_ingredients_merge_like_full(tmp_path, tiny_model_dir):
     methods = [{"name": "one-fft", "strategy": "one-round", "trainable": "full"}]
     comb = [{"name": "avg", "kind": "merge", "source": "one-fft", "method": "linear"}]
-    run_experiment(_cfg(tiny_model_dir, methods, combine=comb), tmp_path / "full", progress=False)
+    run_experiment(_cfg(tiny_model_dir, methods, {"fft_format": "full"}, comb), tmp_path / "full", progress=False)
     out = run_experiment(_cfg(tiny_model_dir, methods, {"fft_format": "delta"}, comb), tmp_path / "delta",
                          progress=False)
     assert set(out["status"].values()) == {"ok"}, out["status"]
@@ -83,8 +83,11 @@ def test_bf16_copy_reports_rounding_error(tmp_path, tiny_model_dir):
     err = json.loads((rdir / "model-bf16/bf16_error.json").read_text())
     assert err["update_norm"] > 0 and err["relative_error"] >= 0
     assert "bf16 copy: rounding error" in (tmp_path / "e/fft/log.txt").read_text()
-    # the main checkpoint stays float32
-    assert all(v.dtype == torch.float32 for v in load_file(rdir / "model/model.safetensors").values())
+    # the main checkpoint (a delta by default) stays float32
+    from cairn.io.fft_round import load_round
+
+    assert (rdir / "model/model.delta").is_file()
+    assert all(v.dtype == torch.float32 for v in load_round(rdir / "model").state_dict().values())
 
 
 def test_storage_config_validated_and_in_schema(tiny_model_dir):
@@ -93,7 +96,7 @@ def test_storage_config_validated_and_in_schema(tiny_model_dir):
     with pytest.raises(CairnError, match="keep"):
         _cfg(tiny_model_dir, [{"name": "fft", "trainable": "full"}], {"keep_model": "all"})
     cfg = _cfg(tiny_model_dir, [{"name": "fft", "trainable": "full"}])
-    assert cfg.storage.fft_format == "full" and cfg.storage.keep_models == "all" and cfg.storage.bf16_copy is False
+    assert cfg.storage.fft_format == "delta" and cfg.storage.keep_models == "all" and cfg.storage.bf16_copy is False
 
 def test_tied_embeddings_stored_once_and_restored(tmp_path):
     """A tied model (lm_head = embed_tokens, as SmolLM2): the delta holds the shared tensor once."""
@@ -108,7 +111,7 @@ def test_tied_embeddings_stored_once_and_restored(tmp_path):
     tied = AutoModelForCausalLM.from_pretrained(model_dir)
     assert tied.lm_head.weight is tied.model.embed_tokens.weight
     fft = [{"name": "fft", "trainable": "full"}]
-    run_experiment(_cfg(model_dir, fft, tasks=TASKS[:1]), tmp_path / "full", progress=False)
+    run_experiment(_cfg(model_dir, fft, {"fft_format": "full"}, tasks=TASKS[:1]), tmp_path / "full", progress=False)
     run_experiment(_cfg(model_dir, fft, {"fft_format": "delta"}, tasks=TASKS[:1]), tmp_path / "delta", progress=False)
     import struct
 
@@ -151,7 +154,7 @@ def test_keep_models_last_removes_earlier_rounds_and_rerun_does_not_retrain(tmp_
     assert run_experiment(cfg, tmp_path / "e", progress=False)["status"] == {"fft": "ok"}
     rounds = tmp_path / "e/fft/rounds"
     assert not (rounds / "01-zoology/model").exists() and (rounds / "01-zoology/round.json").is_file()
-    assert (rounds / "02-geography/model/model.safetensors").is_file()
+    assert (rounds / "02-geography/model/model.delta").is_file()  # the default storage, re-based on the base
     # a rerun (results gone) finds both rounds done: nothing is retrained, round 1 is not restored
     (tmp_path / "e/fft/results.json").unlink()
     before = (rounds / "02-geography/round.json").read_text()

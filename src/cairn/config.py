@@ -274,7 +274,7 @@ class StorageConfig:
         "How a full-fine-tuning round's weights are stored: full (model.safetensors, a folder transformers "
         "loads) or delta (model.delta: a bit-exact compressed XOR against the previous round or the base; "
         "resume, `cairn eval`/`cairn export` of the round, the update diagnostics, combine steps and "
-        "`cairn ledger import` restore it by walking its parent chain).", "full")
+        "`cairn ledger import` restore it by walking its parent chain; about 2x smaller).", "delta")
     keep_models: Literal["all", "last", "needed"] = _help(
         "Which full-fine-tuning round models stay on disk: all; last (the latest round only; the earlier go "
         "once a later one is saved); needed (every round until the method ends, then the last). round.json "

@@ -96,9 +96,14 @@ def run(args: argparse.Namespace) -> int:
     else:
         if args.rank is not None:
             raise CairnError("--rank applies to adapter merging only")
-        summary = merge_models(args.base, args.models, args.out, spec, overwrite=args.overwrite, dtype=args.dtype,
-                               max_shard_size=args.max_shard_size,
-                               max_relative_delta=args.max_relative_delta or None, progress=progress)
+        from cairn.io.fft_round import full_folders, record_sources
+
+        with full_folders(args.models) as models:  # delta-stored FFT rounds: restored to temporary full copies
+            summary = merge_models(args.base, [str(m) for m in models], args.out, spec, overwrite=args.overwrite,
+                                   dtype=args.dtype, max_shard_size=args.max_shard_size,
+                                   max_relative_delta=args.max_relative_delta or None, progress=progress)
+        if models != [Path(m) for m in args.models]:
+            record_sources(Path(args.out) / "cairn_merge.json", "models", args.models)
     print(format_summary(summary))
     return 0
 

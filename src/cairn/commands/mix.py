@@ -91,11 +91,16 @@ def run(args: argparse.Namespace) -> int:
         save_lora_moe(model, args.out, overwrite=args.overwrite)
         stats = mixture_info(model)
     else:
-        from cairn.combine.moe_fft import build_fft_moe
+        from cairn.combine.moe_fft import MANIFEST, build_fft_moe
+        from cairn.io.fft_round import full_folders, record_sources
 
-        stats = build_fft_moe(resolve_model_path(args.base), experts, args.out, top_k=args.top_k,
-                              moe_layers=args.moe_layers, router_init=init, router_prompts=prompts,
-                              overwrite=args.overwrite, tokenizer=tokenizer, seed=args.seed)
+        with full_folders(experts) as full:  # delta-stored FFT rounds: restored to temporary full copies
+            stats = build_fft_moe(resolve_model_path(args.base), full, args.out, top_k=args.top_k,
+                                  moe_layers=args.moe_layers, router_init=init, router_prompts=prompts,
+                                  overwrite=args.overwrite, tokenizer=tokenizer, seed=args.seed)
+        if full != experts:
+            record_sources(args.out / MANIFEST, "experts", experts)
+            stats["experts"] = [str(e) for e in experts]
     print(json.dumps(stats, indent=2, default=str))
     print(f"mixture written to {args.out}")
     return 0

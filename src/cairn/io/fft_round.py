@@ -13,16 +13,20 @@ This module is the one definition of "restore round k": :func:`load_round` walks
 oldest, each checked by its CRCs (a corrupt file or a wrong parent is a :class:`CairnError` naming
 the file). The runner's resume, ``cairn eval`` and ``cairn export`` of a round folder, the ledger
 importer, combine ingredients and the re-basing done before a round is pruned all call it.
-:func:`write_round_folder` writes any round as a plain transformers folder; :func:`prune_models`
-removes round models under ``keep_models`` without breaking the deltas of the kept ones.
+:func:`write_round_folder` writes any round as a plain transformers folder (:func:`full_folders`
+does it in a temporary folder for ``cairn merge``/``cairn mix``/``cairn contribute --model``);
+:func:`prune_models` removes round models under ``keep_models`` without breaking the deltas of the
+kept ones.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from cairn.errors import CairnError
 from cairn.io.delta import DELTA_FILE, read_delta, read_delta_meta, write_delta
@@ -207,6 +211,33 @@ def write_round_folder(model_dir: Path, folder: Path, load_base: Callable[[], ob
         record.pop("delta", None)
         (folder / PARENT_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return folder
+
+
+@contextlib.contextmanager
+def full_folders(paths) -> Iterator[list[Path]]:
+    """``paths`` (model folders given to ``cairn merge``/``mix``), each delta-stored round replaced by a
+    full copy in a temporary folder that lives as long as the ``with`` block."""
+    paths = [Path(p) for p in paths]
+    if not any(p.is_dir() and is_delta(p) for p in paths):
+        yield paths
+        return
+    with tempfile.TemporaryDirectory(prefix="cairn-rounds-") as tmp:
+        yield [write_round_folder(p, Path(tmp) / str(i)) if p.is_dir() and is_delta(p) else p
+               for i, p in enumerate(paths)]
+
+
+def record_sources(manifest: Path, key: str, given) -> None:
+    """Make an output's manifest (``cairn_merge.json``, ``moe_manifest.json``) name the folders the user
+    gave rather than the temporary full copies :func:`full_folders` made of delta rounds."""
+    import json
+
+    from cairn import atomic
+
+    manifest = Path(manifest)
+    if manifest.is_file():
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+        data[key] = [str(p) for p in given]
+        atomic.write_json(manifest, data)
 
 
 # -- write -----------------------------------------------------------------------------------------------

@@ -258,6 +258,10 @@ def contribute(project: Project, name: str, parent_name: str, contributor: str, 
         if adapter is not None:
             settings["check"] = check_adapter(Path(adapter), project, parent, parent_model)
         if model is not None:
+            from cairn.io.fft_round import is_delta, write_round_folder
+
+            if Path(model).is_dir() and is_delta(Path(model)):  # a delta-stored FFT round: stored as its full model
+                model = write_round_folder(Path(model), tmp / "model-full")
             new_model, settings["check"] = check_model(Path(model), project, parent, parent_model)
         # The parent is scored before any adapter is merged into it (merging changes weights in place).
         parent_scores = _scores(project, parent.id, parent_model, tokenizer, probes, rows_of)

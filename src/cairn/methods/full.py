@@ -1,14 +1,13 @@
-"""Full fine-tuning (FFT): every weight trains; each round's artifact is a transformers checkpoint.
+"""Full fine-tuning (FFT): every weight trains; each round's artifact is the whole model.
 
-The seed paper's sequential FFT (Lee & Wynter 2024, arXiv 2410.13699). A round is saved with
-``save_pretrained`` (safetensors) next to the tokenizer, so every round is a model vanilla
-transformers loads; it is also what combiners receive (one full model per task).
-
-With ``storage.fft_format: delta`` a round's ``model/`` keeps the config, tokenizer and
-``cairn_parent.json`` but its weights as ``model.delta``: the bit-exact XOR delta against the parent
-(the previous round, or the base for round 1 and one-round methods; :mod:`cairn.io.delta`).
-Restoring walks the parent chain (:mod:`cairn.io.fft_round`); combiners get a full folder
-materialised next to it (``model-full/``).
+The seed paper's sequential FFT (Lee & Wynter 2024, arXiv 2410.13699). By default
+(``storage.fft_format: delta``) a round's ``model/`` keeps the config, tokenizer and
+``cairn_parent.json`` and its weights as ``model.delta``: the bit-exact XOR delta against the parent
+(the previous round, or the base for round 1 and one-round methods; :mod:`cairn.io.delta`), about
+half the size of a safetensors copy. Restoring walks the parent chain (:mod:`cairn.io.fft_round`,
+shared with eval, export and the ledger importer); combiners get a full folder materialised next to
+it (``model-full/``). With ``fft_format: full`` a round is saved with ``save_pretrained``
+(safetensors) next to the tokenizer, a folder vanilla transformers loads.
 """
 
 from __future__ import annotations
@@ -34,6 +33,9 @@ class FullFineTuning:
 
     def __init__(self, method) -> None:
         self.method = method
+        # (method dir, round, CPU copy of its weights): the last saved round of a sequential delta-stored
+        # run, the next round's delta parent, kept so saving round k does not restore rounds 1..k-1 from disk
+        self._saved: tuple | None = None
 
     def prepare(self, model, ctx: RoundContext):
         return make_full_trainable(model)
@@ -51,8 +53,13 @@ class FullFineTuning:
         with atomic.atomic_dir(ctx.rdir / "model", overwrite=True) as tmp:
             if storage.fft_format == "delta" or storage.bf16_copy:
                 parent_k = 0 if ctx.method.strategy == "one-round" else ctx.k - 1
-                parent = self._state(ctx, parent_k)
-                child = fft_round.cpu_state(model)
+                saved, self._saved = self._saved, None
+                if saved is not None and saved[:2] == (ctx.mdir.path, parent_k):
+                    parent = saved[2]
+                else:
+                    parent = self._state(ctx, parent_k)
+                del saved
+                child = _cpu_copy(model)
             if storage.fft_format == "delta":
                 from cairn.models import resolve_model_path
 
@@ -73,6 +80,8 @@ class FullFineTuning:
             rundir.write_parent(tmp, record)
         if storage.bf16_copy:
             self._bf16_copy(model, ctx, parent, child)
+        if storage.fft_format == "delta" and parent_k == ctx.k - 1 and ctx.k < len(ctx.plan):
+            self._saved = (ctx.mdir.path, ctx.k, child)  # the next round's parent (the last round keeps none)
         return model
 
     def _bf16_copy(self, model, ctx: RoundContext, parent, child) -> None:
@@ -138,6 +147,18 @@ class FullFineTuning:
             updates.append({name: current[name] - previous[name] for name in current if name in previous})
             previous = current
         return updates
+
+
+def _cpu_copy(model) -> dict:
+    """The state dict copied to the CPU (a copy even when the model is there: training changes the model
+    in place); tensors sharing storage (tied embeddings) stay shared."""
+    out, copies = {}, {}
+    for name, t in model.state_dict().items():
+        key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+        if key not in copies:
+            copies[key] = t.detach().to("cpu", copy=True)
+        out[name] = copies[key]
+    return out
 
 
 def _storage(cfg):
