@@ -37,7 +37,7 @@ def _cfg(model_dir, storage, diagnostics=False):
 def runs(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("runs")
     for name, fmt in (("full", "full"), ("delta", "delta")):
-        out = run_experiment(_cfg(tiny_model_dir, {"fft_format": fmt}), root / name, progress=False)
+        out = run_experiment(_cfg(tiny_model_dir, {"fft_format": fmt}, diagnostics=True), root / name, progress=False)
         assert out["status"] == {"fft": "ok"}
     return root
 
@@ -65,13 +65,36 @@ def test_round3_is_a_chain_of_deltas(runs):
     _assert_bit_equal(_state(load_round(runs / "delta" / R3 / "model")), _reference(runs))
 
 
+def test_update_diagnostics_of_delta_rounds_equal_full(runs):
+    full, delta = (json.loads((runs / name / "fft/results.json").read_text())["diagnostics"] for name in ("full", "delta"))
+    assert full["updates"] and full.keys() == delta.keys()
+    # the same ΔW (the same float32 weights subtracted), read from safetensors or restored from deltas;
+    # the norms and SVDs on them are the same code, so only summation order could differ: rel 1e-6
+    assert _approx_tree(delta, full)
+
+
+def _approx_tree(a, b):
+    if isinstance(b, dict):
+        return a.keys() == b.keys() and all(_approx_tree(a[k], b[k]) for k in b)
+    if isinstance(b, list):
+        return len(a) == len(b) and all(_approx_tree(x, y) for x, y in zip(a, b))
+    if isinstance(b, float):
+        return a == pytest.approx(b, rel=1e-6, abs=1e-9)
+    return a == b
+
+
 def test_eval_of_a_delta_round_folder_restores_it(runs):
     from cairn.commands.eval import load_for_eval
+
+    from cairn.eval.lm_eval_backend import resolve_model
 
     for spec in (runs / "delta" / R3, runs / "delta" / R3 / "model"):  # the round folder or its model/
         model, tokenizer, base, adapter = load_for_eval(str(spec), device="cpu")
         assert adapter is None and tokenizer is not None
         _assert_bit_equal(_state(model), _reference(runs))
+    model, tokenizer, model_args = resolve_model(str(runs / "delta" / R3), device="cpu")  # --backend lm-eval
+    assert tokenizer is not None and model_args == ""
+    _assert_bit_equal(_state(model), _reference(runs))
 
 
 def test_cairn_eval_cli_on_a_delta_round(runs, data_dir, capsys):

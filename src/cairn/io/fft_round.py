@@ -182,8 +182,14 @@ def load_round(model_dir: Path, load_base: Callable[[], object] | None = None, d
 
         model = load_model(_base_spec(chain[-1], first), dtype)
     for step in reversed(chain):
-        parent = untied(cpu_state(model), tied_names(model))
-        load_untied(model, read_delta(step / DELTA_FILE, parent), step)
+        apply_delta(model, step)
+    return model
+
+
+def apply_delta(model, model_dir: Path):
+    """Turn ``model`` (holding the parent round's weights) into the delta round ``model_dir``, in place."""
+    parent = untied(cpu_state(model), tied_names(model))
+    load_untied(model, read_delta(Path(model_dir) / DELTA_FILE, parent), Path(model_dir))
     return model
 
 

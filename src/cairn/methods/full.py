@@ -137,13 +137,23 @@ class FullFineTuning:
 
     def _delta_updates(self, ctx: RoundContext, n: int):
         """The same ΔW as :func:`~cairn.eval.round_updates.checkpoint_updates` (2-D block weights, float)
-        for delta-stored rounds, from the restored state dicts."""
-        def blocks(state):
-            return {k: v.float() for k, v in state.items() if ".layers." in k and k.endswith(".weight") and v.dim() == 2}
+        for delta-stored rounds, from the restored state dicts. Rounds are restored in order on one
+        model: a delta against the round before is applied to it (one decode a round, not a chain each)."""
+        import torch
 
-        updates, previous = [], blocks(self._state(ctx, 0))
+        def blocks(state):  # copies: the model's weights change in place below
+            return {k: v.to(torch.float32, copy=True) for k, v in state.items()
+                    if ".layers." in k and k.endswith(".weight") and v.dim() == 2}
+
+        model = ctx.load_base()
+        updates, previous = [], blocks(fft_round.cpu_state(model))
         for k in range(1, n + 1):
-            current = blocks(self._state(ctx, k))
+            folder = ctx.round_dir(k) / "model"
+            if fft_round.is_delta(folder) and fft_round.delta_info(folder)["parent_round"] == k - 1:
+                fft_round.apply_delta(model, folder)
+            else:
+                model = self.restore(ctx, k)
+            current = blocks(fft_round.cpu_state(model))
             updates.append({name: current[name] - previous[name] for name in current if name in previous})
             previous = current
         return updates
