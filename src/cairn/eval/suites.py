@@ -268,6 +268,21 @@ def default_data_dir() -> Path | None:
     return Path(env).expanduser() if env else None
 
 
+def old_knowledge_dir(configured: str | None, experiment_data_dir: str | None) -> Path | None:
+    """Where an experiment's old-knowledge suite reads its data: ``evaluation.old_knowledge.data_dir``
+    when set, else ``$CAIRN_DATA``, else the experiment's own ``data_dir`` when it is laid out like the
+    data pack (holds ``old_knowledge/``), else ``None`` (the Hugging Face hub). The last rule is why
+    ``--set data_dir=PACK`` alone runs a paper config offline: one pack serves tasks and suite."""
+    if configured:
+        return Path(configured).expanduser()
+    env = default_data_dir()
+    if env is not None:
+        return env
+    if experiment_data_dir and (Path(experiment_data_dir).expanduser() / "old_knowledge").is_dir():
+        return Path(experiment_data_dir).expanduser()
+    return None
+
+
 def _find_local(data_dir: Path, rel: str) -> Path:
     """``data_dir/rel``; also accepts ``data_dir`` pointing inside the pack (``old_knowledge/`` itself)."""
     candidates = [data_dir / rel, data_dir / Path(*Path(rel).parts[1:])] if len(Path(rel).parts) > 1 else [data_dir / rel]
