@@ -19,6 +19,136 @@ from cairn.ledger.project import open_project
 from test_ledger import _fake_run, cli, dump, make_adapter, make_full, probe_file
 
 
+def data_dir(path: Path, tag: str, n: int = 4) -> Path:
+    path.mkdir(parents=True)
+    (path / "train.jsonl").write_text("".join(json.dumps({"prompt": f"{tag} {i}?", "answer": f"{tag}{i}"}) + "\n"
+                                              for i in range(n)))
+    return path
+
+
+def chain(tmp_path: Path, base: Path, tag: str, *init_args) -> Path:
+    """A project with two --data contributions, c1 from base and c2 from c1."""
+    p = tmp_path / tag
+    assert cli("init", p, "--base", base, "--max-drop", 100, "--set", "training.max_steps=2",
+               "--set", "training.batch_size=2", "--set", "training.lr=1e-3", *init_args) == 0
+    for name, parent in (("c1", "base"), ("c2", "c1")):
+        assert cli("contribute", p, "--name", name, "--from", parent, "--data", data_dir(tmp_path / tag / f"d-{name}", name),
+                   "--probe", probe_file(tmp_path / f"{tag}-{name}.jsonl", name), "--probe-metric", "exact_match",
+                   "--no-progress") == 0
+    return p
+
+
+def adapter_A(project: Path, release: str, tmp: Path) -> dict[str, torch.Tensor]:
+    from cairn.combine.moe_lora import read_lora_adapter
+
+    proj = open_project(project)
+    return read_lora_adapter(proj.store.get_dir(proj.release(release).artifact_sha, tmp)).A
+
+
+def method_of(project: Path, name: str) -> dict:
+    return {c.name: c for c in open_project(project).contributions()}[name].method
+
+
+def test_olora_and_nlora_contributions_train_with_their_loss_parts(tmp_path, tiny_model_dir):
+    plain = chain(tmp_path, tiny_model_dir, "plain")
+    olora = chain(tmp_path, tiny_model_dir, "olora", "--method", "olora", "--set", "olora.lambda1=0.5")
+    nlora = chain(tmp_path, tiny_model_dir, "nlora", "--method", "nlora", "--set", "nlora.lam=1.0")
+
+    first, second = method_of(olora, "c1"), method_of(olora, "c2")
+    assert second["parts"] == ["olora"] and second["olora"]["lambda1"] == 0.5 and second["round"] == 2
+    assert second["olora_lineage"]["earlier_adapters"] == ["c1"]
+    # round 1 has no earlier subspace (the term is exactly 0); round 2 is penalised against c1's A's
+    assert first["train"]["log"][-1]["olora_prev_rounds"] == 0 and first["train"]["log"][-1]["olora_orth"] == 0.0
+    assert second["train"]["log"][-1]["olora_prev_rounds"] == 1 and second["train"]["log"][-1]["olora_orth"] > 0
+    # c1 trains identically in both projects (no earlier adapter); c2's A's differ from plain LoRA's and
+    # overlap less with c1's: with B = 0 at step 1 the A's get gradient from the O-LoRA term alone
+    a1 = adapter_A(olora, "c1", tmp_path / "o1")
+    assert all(torch.equal(a1[m], t) for m, t in adapter_A(plain, "c1", tmp_path / "p1").items())
+    a_o, a_p = adapter_A(olora, "c2", tmp_path / "o2"), adapter_A(plain, "c2", tmp_path / "p2")
+    assert max(float((a_o[m] - a_p[m]).abs().max()) for m in a_o) > 1e-4  # lr 1e-3 steps, far above rounding
+
+    def overlap(a2):
+        return sum(float((a1[m] @ a2[m].T).abs().sum()) for m in a2)
+
+    assert overlap(a_o) < overlap(a_p)
+
+    n2 = method_of(nlora, "c2")
+    assert n2["parts"] == ["nlora"] and n2["nlora"]["lam"] == 1.0
+    assert n2["train"]["log"][-1]["nlora_l1"] > 0  # B != 0 from step 2 on: the L1 term is in the loss
+    a_n = adapter_A(nlora, "c2", tmp_path / "n2")
+    assert max(float((a_n[m] - a_p[m]).abs().max()) for m in a_p) > 1e-4
+
+
+def test_replay_draws_the_earlier_contributions_stored_rows(tmp_path, tiny_model_dir):
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("max_drop: 100\nkeep_data: true\nmethod: {trainable: lora, replay: 0.5}\n")
+    p = chain(tmp_path, tiny_model_dir, "replay", "--policy", policy)
+    proj = open_project(p)
+    cs = {c.name: c for c in proj.contributions()}
+    fp1 = cs["c1"].data_fingerprint
+    assert fp1["stored"] is True
+    stored = json_rows(proj.store.get_bytes(fp1["sha256"]))
+    assert stored == [json.loads(line) for line in (tmp_path / "replay" / "d-c1" / "train.jsonl").read_text().splitlines()]
+    (replayed,) = cs["c2"].method["replay_from"]
+    # 0.5 x 4 rows of c2 = 2 rows drawn from c1's stored data (and only from it)
+    assert replayed["contribution"] == "c1" and replayed["data_sha256"] == fp1["sha256"]
+    assert len(replayed["rows"]) == 2 and len(set(replayed["rows"])) == 2 and all(0 <= i < 4 for i in replayed["rows"])
+    assert cs["c2"].method["train"]["examples"] == 6
+    assert cs["c1"].method["replay_from"] == []  # nothing earlier to replay in round 1
+
+    # semi-cooperative contributions never store data, even in a project that keeps data
+    assert cli("ledger", "export", p, "c2", "--out", tmp_path / "e2") == 0
+    d3 = data_dir(tmp_path / "d3", "three")
+    assert cli("contribute", p, "--name", "c3", "--from", "c2", "--adapter", make_adapter(tmp_path / "e2", tmp_path / "a3"),
+               "--probe", probe_file(tmp_path / "p3.jsonl", "three"), "--probe-metric", "exact_match",
+               "--fingerprint-data", d3) == 0
+    fp3 = {c.name: c for c in open_project(p).contributions()}["c3"].data_fingerprint
+    assert "stored" not in fp3 and not proj.store.has(fp3["sha256"])
+
+
+REFUSED_INIT = {
+    "replay without keep_data": (["--set", "replay=0.1"], "does not keep data"),
+    "unknown method in the policy": (["--policy", "method: sparse-lora\n"], "unknown method 'sparse-lora'"),
+    "O-LoRA on a full-FT project": (["--method", "full", "--set", "olora.lambda1=0.5"], "O-LoRA constrains LoRA"),
+    "O-LoRA on full in the policy": (["--policy", "method: {trainable: full, olora: {lambda1: 0.5}}\n"],
+                                     "O-LoRA constrains LoRA"),
+    "misspelt part setting": (["--policy", "method: {trainable: lora, olora: {lamda1: 1}}\n"], "did you mean 'lambda1'"),
+    "unsupported part": (["--policy", "method: {trainable: full, ewc: {lam: 1}}\n"], "not supported for contributions"),
+    "method twice": (["--method", "lora", "--policy", "method: nlora\n"], "given twice"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED_INIT))
+def test_bad_project_method_is_refused_and_creates_nothing(case, tmp_path, tiny_model_dir, capsys):
+    args, expect = REFUSED_INIT[case]
+    if "--policy" in args:
+        i = args.index("--policy")
+        (tmp_path / "policy.yaml").write_text(args[i + 1])
+        args = args[:i + 1] + [tmp_path / "policy.yaml"] + args[i + 2:]
+    capsys.readouterr()
+    assert cli("init", tmp_path / "proj", "--base", tiny_model_dir, *args) == 2
+    err = capsys.readouterr().err
+    assert expect in err and "Traceback" not in err, err
+    assert not (tmp_path / "proj").exists()
+
+
+def test_a_hand_edited_method_is_refused_before_training(tmp_path, tiny_model_dir, capsys):
+    p = tmp_path / "proj"
+    assert cli("init", p, "--base", tiny_model_dir) == 0
+    engine = db.make_engine(f"sqlite:///{p / 'ledger.db'}")
+    with engine.begin() as conn:
+        method = conn.execute(sa.select(db.meta.c.value).where(db.meta.c.key == "method")).scalar_one()
+        conn.execute(sa.update(db.meta).where(db.meta.c.key == "method").values(
+            value=dict(method, trainable="full", olora={"lambda1": 0.5})))
+    engine.dispose()
+    before = dump(p)
+    capsys.readouterr()
+    assert cli("contribute", p, "--name", "c1", "--from", "base", "--data", data_dir(tmp_path / "d", "x"),
+               "--probe", probe_file(tmp_path / "p.jsonl", "x"), "--probe-metric", "exact_match") == 2
+    assert "O-LoRA constrains LoRA" in capsys.readouterr().err
+    assert dump(p) == before
+
+
 # ---------------------------------------------------------------------------------------------- import gate
 
 
