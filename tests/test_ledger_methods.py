@@ -149,6 +149,83 @@ def test_a_hand_edited_method_is_refused_before_training(tmp_path, tiny_model_di
     assert dump(p) == before
 
 
+# ---------------------------------------------------------------------------------------------- mix fold
+
+
+def routed_share(model, tokenizer, prompts: list[str], expert: int) -> float:
+    """Mean gate of ``expert`` over every token of ``prompts`` and every routed module."""
+    from cairn.routed_lora import routed_layers
+
+    shares = []
+    with torch.no_grad():
+        for prompt in prompts:
+            model(input_ids=torch.tensor([tokenizer(prompt)["input_ids"]]))
+            shares += [float(layer.last_routing_weights[0, :, expert].mean()) for layer in routed_layers(model).values()]
+    return sum(shares) / len(shares)
+
+
+def words_probe(path: Path, words: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"prompt": f"{w} {w}?", "answer": w[::-1]}) + "\n" for w in words))
+    return path
+
+
+def test_mix_fold_routes_each_contributions_probe_to_its_expert(tmp_path, tiny_model_dir, capsys):
+    from cairn.ledger.weights import build_release, fingerprint_model
+    from cairn.models import load_tokenizer
+
+    p = tmp_path / "proj"
+    assert cli("init", p, "--base", tiny_model_dir, "--max-drop", 100) == 0
+    probes = {"ca": ["zebra", "quokka", "walrus", "jackal", "vulture", "mink"],  # lowercase: contribution A
+              "cb": ["OSLO", "DAKAR", "LIMA", "QUITO", "HANOI", "RIGA"],  # uppercase and digits: contribution B
+              "cc": ["1234", "5678", "9012", "3456"]}
+    for i, (name, words) in enumerate(probes.items()):
+        assert cli("contribute", p, "--name", name, "--from", "base", "--adapter",
+                   make_adapter(tiny_model_dir, tmp_path / f"a-{name}", seed=20 + i),
+                   "--probe", words_probe(tmp_path / f"{name}.jsonl", words), "--probe-metric", "exact_match") == 0
+    assert cli("ledger", "mix", p, "--name", "ab", "--releases", "ca", "cb", "--router-steps", 40) == 0
+    assert "LoRA mixture of ca, cb" in capsys.readouterr().out
+    proj = open_project(p)
+    ab = proj.release("ab")
+    assert (ab.kind, ab.artifact_kind, ab.settings["host"]) == ("mix", "lora-moe", "base")
+    assert proj.release_by_id(ab.parent_id).name == "base"
+    assert [e["probes"] for e in ab.settings["experts"]] == [["ca"], ["cb"]]
+    assert sorted(t["probe"] for t in ab.gate["table"]) == ["ca", "cb", "cc"]  # gated on every live probe set
+    # the release loads again from the store: the very weights that were gated
+    model = build_release(proj, ab)
+    assert fingerprint_model(model) == ab.settings["weights_sha256"]
+    assert ab.settings["router"]["last"]["router_label_accuracy"] > 0.5  # tokens routed to their own expert
+    tok = load_tokenizer(proj.base)
+    for expert, name in enumerate(("ca", "cb")):
+        share = routed_share(model, tok, [f"{w} {w}?" for w in probes[name]], expert)
+        assert share > 0.6, (name, share)  # chance is 0.5 with two experts
+
+    # adding an expert to the mixture: the new release builds on it and is gated against it
+    assert cli("ledger", "mix", p, "--name", "abc", "--releases", "ab", "cc", "--router-steps", 40) == 0
+    proj = open_project(p)
+    abc = proj.release("abc")
+    assert proj.release_by_id(abc.parent_id).name == "ab" and abc.settings["host"] == "base"
+    assert [e["release"] for e in abc.settings["experts"]] == ["ca", "cb", "cc"]
+    assert sorted(t["probe"] for t in abc.gate["table"]) == ["ca", "cb", "cc"]
+    assert cli("ledger", "export", p, "abc", "--out", tmp_path / "abc") == 0
+    assert json.loads((tmp_path / "abc" / "lora-moe" / "lora_moe.json").read_text())["num_experts"] == 3
+    assert cli("ledger", "report", p, "--out", tmp_path / "r.html") == 0
+
+    # bad input: nothing is recorded
+    assert cli("ledger", "export", p, "base", "--out", tmp_path / "eb") == 0
+    assert cli("contribute", p, "--name", "cm", "--from", "base", "--model", make_full(tmp_path / "eb", tmp_path / "m"),
+               "--probe", probe_file(tmp_path / "pm.jsonl", "m"), "--probe-metric", "exact_match") == 0
+    before = dump(p)
+    capsys.readouterr()
+    assert cli("ledger", "mix", p, "--name", "x", "--releases", "ca", "cm") == 2
+    assert "full models" in capsys.readouterr().err
+    assert cli("ledger", "mix", p, "--name", "x", "--releases", "ab", "abc") == 2  # two mixtures
+    assert cli("ledger", "mix", p, "--name", "x", "--releases", "ab", "ca") == 2  # ca is already an expert
+    assert cli("contribute", p, "--name", "y", "--from", "ab", "--adapter", make_adapter(tiny_model_dir, tmp_path / "ay"),
+               "--probe", probe_file(tmp_path / "py.jsonl", "y"), "--probe-metric", "exact_match") == 2
+    assert "is a LoRA mixture" in capsys.readouterr().err
+    assert dump(p) == before
+
+
 # ---------------------------------------------------------------------------------------------- import gate
 
 
