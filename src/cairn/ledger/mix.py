@@ -146,10 +146,11 @@ def mix_releases(project, name: str, sources: list[str], *, top_k: int | None = 
     per_expert = [[r for n in e["probes"] for r in rows_of[n]] for e in experts]
     with tempfile.TemporaryDirectory(prefix="cairn-mix-") as tmp:
         tmp = Path(tmp)
-        folders = []
+        fetched: dict[str, Path] = {}  # a mixture's artifact holds all its experts: read it once
         for i, e in enumerate(experts):
-            got = project.store.get_dir(e["sha"], tmp / f"in-{i}")
-            folders.append(got / e["dir"] if e["dir"] else got)
+            if e["sha"] not in fetched:
+                fetched[e["sha"]] = project.store.get_dir(e["sha"], tmp / f"in-{i}")
+        folders = [fetched[e["sha"]] / e["dir"] if e["dir"] else fetched[e["sha"]] for e in experts]
         model = build_lora_moe(host_model, folders, top_k=top_k, router_init="prompts", tokenizer=tokenizer,
                                router_prompts=[[r["prompt"] for r in rows] for rows in per_expert],
                                check_base_name=False)  # each adapter was checked against the host on contribution
