@@ -131,8 +131,9 @@ class Runner:
         scores = evaluate_suite(model, self.tokenizer, ok.tasks, data_dir=old_knowledge_dir(ok.data_dir, self.cfg.data_dir),
                                 limit=ok.limit, seed=ok.seed,
                                 batch_size=ok.batch_size, num_fewshot=ok.num_fewshot, progress=self.progress,
-                                precision=ok.precision)
-        keep = ("primary", "primary_stderr", "primary_metric", "n")
+                                precision=ok.precision, return_items=True)
+        # "items" (per question) goes to the round's old_knowledge_items.json (rundir.write_round)
+        keep = ("primary", "primary_stderr", "primary_metric", "n", "items")
         return {task: {k: v for k, v in res.items() if k in keep} for task, res in scores.items()}
 
     def scored(self, model, label: str, last: bool, train_record: dict) -> tuple[RoundRecord, dict]:

@@ -456,6 +456,7 @@ def evaluate_suite(
     data_files: dict[str, Path] | None = None,
     share_prefix: bool = True,
     return_details: bool = False,
+    return_items: bool = False,
     precision: str = "float32",
     bf16_tolerance: float = BF16_TOKEN_TOLERANCE,
 ) -> dict[str, dict]:
@@ -467,7 +468,8 @@ def evaluate_suite(
     ``limit`` evaluates a seeded random subset of that many questions per task; ``data_dir`` is a
     folder laid out like the data pack (``old_knowledge/<task>/...``, ``gsm8k/test.jsonl``), or
     ``None`` for ``$CAIRN_DATA`` and then the Hugging Face hub; ``data_files`` overrides the file
-    of single tasks.
+    of single tasks. ``return_items`` adds ``items``: each question's score on the primary metric (in
+    subset order), what paired comparisons of two models on the same questions need.
 
     ``precision="bf16"`` scores the multiple-choice tasks under bf16 autocast and re-scores in
     float32 every question where bf16 could have changed the prediction (:func:`near_tie` with
@@ -514,6 +516,8 @@ def evaluate_suite(
                     results[name]["rescored"] = sum(1 for d in details if d.get("rescored"))
             if return_details:
                 results[name]["details"] = details
+            if return_items:
+                results[name]["items"] = [float(v) for v in per_metric[spec.primary]]
     finally:
         model.train(was_training)
     return results
