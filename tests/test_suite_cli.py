@@ -181,3 +181,20 @@ def test_gsm8k_generation_path_on_tiny_model(tiny_dirs, tmp_path):
         assert d["strict"] == "[invalid]" or d["strict"] in d["output"]
         assert isinstance(d["output"], str)
     assert 0.0 <= res["exact_match_flexible"] <= 1.0
+
+
+def test_old_knowledge_dir_precedence(tmp_path, monkeypatch):
+    """The suite's data: its own data_dir, then $CAIRN_DATA, then an experiment data_dir laid out like
+    the pack (so `--set data_dir=PACK` alone runs offline), then None (the hub)."""
+    from cairn.eval.suites import old_knowledge_dir
+
+    pack, plain, env = tmp_path / "pack", tmp_path / "plain", tmp_path / "env"
+    (pack / "old_knowledge").mkdir(parents=True)
+    plain.mkdir()
+    monkeypatch.delenv("CAIRN_DATA", raising=False)
+    assert old_knowledge_dir(str(plain), str(pack)) == plain
+    assert old_knowledge_dir(None, str(pack)) == pack
+    assert old_knowledge_dir(None, str(plain)) is None
+    assert old_knowledge_dir(None, None) is None
+    monkeypatch.setenv("CAIRN_DATA", str(env))
+    assert old_knowledge_dir(None, str(pack)) == env

@@ -238,7 +238,8 @@ class OldKnowledgeConfig:
         "mmlu", "arc_challenge", "commonsense_qa", "hellaswag", "openbookqa", "piqa", "winogrande"])
     limit: int | None = _help("Questions per task (a seeded subsample; null: all).", 100)
     data_dir: str | None = _help("Folder laid out like the data pack (old_knowledge/<task>/...); "
-                                 "null: $CAIRN_DATA, then the Hugging Face hub.", None)
+                                 "null: $CAIRN_DATA, then the experiment's data_dir when it holds "
+                                 "old_knowledge/, then the Hugging Face hub.", None)
     when: Literal["every", "last", "none"] = _help("After every round, only after the last, or never "
                                                    "(the base is always scored unless 'none').", "every")
     batch_size: int = _help("Batch size of the log-likelihood scorer.", 16)

@@ -126,13 +126,14 @@ class Runner:
         ok = self.cfg.evaluation.old_knowledge
         if ok is None or ok.when == "none" or (ok.when == "last" and not last):
             return None
-        from cairn.eval.suites import evaluate_suite
+        from cairn.eval.suites import evaluate_suite, old_knowledge_dir
 
-        data_dir = Path(ok.data_dir).expanduser() if ok.data_dir else None
-        scores = evaluate_suite(model, self.tokenizer, ok.tasks, data_dir=data_dir, limit=ok.limit, seed=ok.seed,
+        scores = evaluate_suite(model, self.tokenizer, ok.tasks, data_dir=old_knowledge_dir(ok.data_dir, self.cfg.data_dir),
+                                limit=ok.limit, seed=ok.seed,
                                 batch_size=ok.batch_size, num_fewshot=ok.num_fewshot, progress=self.progress,
-                                precision=ok.precision)
-        keep = ("primary", "primary_stderr", "primary_metric", "n")
+                                precision=ok.precision, return_items=True)
+        # "items" (per question) goes to the round's old_knowledge_items.json (rundir.write_round)
+        keep = ("primary", "primary_stderr", "primary_metric", "n", "items")
         return {task: {k: v for k, v in res.items() if k in keep} for task, res in scores.items()}
 
     def scored(self, model, label: str, last: bool, train_record: dict) -> tuple[RoundRecord, dict]:

@@ -39,6 +39,11 @@ PARENT_FILE = "cairn_parent.json"
 #: Built-in model names -> the Hub id of the original weights (recorded as the base of artifacts).
 BUILTIN_HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
+#: Per-question old-knowledge scores of a round, ``{suite task: [score per question]}`` on each task's
+#: primary metric, in the suite's subset order (round.json keeps only the aggregates). What paired
+#: comparisons need: the report's bootstrap intervals and the ledger's gate on imported runs.
+OLD_KNOWLEDGE_ITEMS = "old_knowledge_items.json"
+
 #: Folders (or files) inside a round directory that hold a model someone can load, in preference order.
 ARTIFACTS = ("model", "merged", "moe", "adapter", "lora-moe", "loramoe")
 
@@ -51,7 +56,9 @@ class RoundRecord:
     scores: list[float]
     train: dict = field(default_factory=dict)
     eval_seconds: float = 0.0
-    old_knowledge: dict | None = None  # task -> {"primary", "primary_stderr", "primary_metric", "n"}
+    # task -> {"primary", "primary_stderr", "primary_metric", "n"}; in memory also "items" (per question),
+    # which write_round moves to OLD_KNOWLEDGE_ITEMS
+    old_knowledge: dict | None = None
     # task -> {metric: score}, every metric of each task (the primary first); absent in older round.json
     metrics: dict | None = None
 
@@ -83,7 +90,23 @@ def read_round(path: Path) -> RoundRecord | None:
 
 def write_round(path: Path, record: RoundRecord, predictions: dict) -> None:
     atomic.write_json(Path(path) / "predictions.json", predictions)
+    if record.old_knowledge and any("items" in v for v in record.old_knowledge.values()):
+        items = {t: v["items"] for t, v in record.old_knowledge.items() if "items" in v}
+        atomic.write_json(Path(path) / OLD_KNOWLEDGE_ITEMS, items)
+        record = dataclasses.replace(record, old_knowledge={
+            t: {k: x for k, x in v.items() if k != "items"} for t, v in record.old_knowledge.items()})
     atomic.write_json(Path(path) / "round.json", dataclasses.asdict(record))  # last: marks the round done
+
+
+def read_old_items(path: Path) -> dict[str, list[float]] | None:
+    """A round directory's per-question old-knowledge scores, or None when the runner did not save them."""
+    f = Path(path) / OLD_KNOWLEDGE_ITEMS
+    if not f.is_file():
+        return None
+    data = read_json_file(f, "old-knowledge items")
+    if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
+        raise CairnError(f"{f} is not {{task: [score per question]}}; delete it (the aggregates in round.json stay)")
+    return data
 
 
 def read_results(path: Path) -> dict:

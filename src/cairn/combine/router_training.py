@@ -9,7 +9,9 @@ it needs for both kinds of mixture:
 - Extra-loss parts (objects with ``extra_loss(model, batch, outputs) -> dict[str, Tensor]``):
   :class:`MixtralAuxLoss` for FFT mixtures (Mixtral's own auxiliary load-balancing loss,
   ``outputs.aux_loss``), :class:`RoutedLoRAAuxLoss` for LoRA mixtures (the same Switch-Transformer
-  loss, Fedus et al. 2021, arXiv 2101.03961, on the routers' recorded probabilities).
+  loss, Fedus et al. 2021, arXiv 2101.03961, on the routers' recorded probabilities), and
+  :class:`RouterLabelLoss` for LoRA mixtures whose router examples each belong to one expert
+  (supervised routing: cross-entropy of every routed module's router logits against that expert).
 
 Deviation noted: transformers' Mixtral pools all layers' tokens before forming the Switch loss; the
 LoRA version here forms it per routed module and averages over modules (the Switch paper's per-layer
@@ -100,6 +102,52 @@ class RoutedLoRAAuxLoss:
         mask = batch.get("attention_mask") if isinstance(batch, dict) else None
         terms = [switch_load_balancing_loss(l.last_router_logits, l.top_k, mask) for l in layers]
         return {self.name: self.coef * torch.stack(terms).mean()}
+
+
+class RouterLabelLoss:
+    """Supervised routing for LoRA mixtures: every real token of an example labelled with expert e should
+    route to e. ``coef`` · mean over routed modules of the token-level cross-entropy of the router logits.
+
+    The training loop hands loss parts the batch's token ids, not the examples; ``labels`` maps an
+    example's encoded ids (``cairn.data.encode.encode_example`` with the round's ``max_length``, what the
+    loop encodes) to its expert, so each row of a batch is looked up exactly. Rows not in ``labels``
+    (or labelled ``-1``) do not count. :meth:`diagnostics` reports the share of labelled tokens whose
+    largest router logit is their expert's, over modules, for the last batch.
+    """
+
+    def __init__(self, labels: dict[tuple[int, ...], int], coef: float = 1.0, name: str = "router_label") -> None:
+        self.labels = labels
+        self.coef = coef
+        self.name = name
+        self._acc: torch.Tensor | None = None
+
+    def targets(self, batch: dict[str, Any]) -> torch.Tensor:
+        """(batch, tokens) expert index per token; -1 for padding and unlabelled rows."""
+        ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+        per_row = [self.labels.get(tuple(ids[i][mask[i]].tolist()), -1) for i in range(ids.shape[0])]
+        rows = torch.tensor(per_row, device=ids.device)[:, None].expand_as(ids)
+        return torch.where(mask, rows, torch.full_like(rows, -1))
+
+    def extra_loss(self, model: nn.Module, batch: dict[str, Any], outputs: Any) -> dict[str, torch.Tensor]:
+        import torch.nn.functional as F
+
+        layers = [l for l in routed_layers(model).values() if l.last_router_logits is not None]
+        if not layers:
+            raise CairnError("RouterLabelLoss: the model has no LoRA-MoE router outputs; call it after a forward pass")
+        target = self.targets(batch).reshape(-1)
+        keep = target >= 0
+        if not bool(keep.any()):  # nothing labelled in this batch: a zero that keeps the graph
+            return {self.name: layers[0].last_router_logits.sum() * 0.0}
+        losses, right = [], []
+        for layer in layers:
+            logits = layer.last_router_logits.float().reshape(-1, layer.num_experts)[keep]
+            losses.append(F.cross_entropy(logits, target[keep]))
+            right.append((logits.detach().argmax(-1) == target[keep]).float().mean())
+        self._acc = torch.stack(right).mean()  # read as a float at logging steps only (it syncs)
+        return {self.name: self.coef * torch.stack(losses).mean()}
+
+    def diagnostics(self) -> dict[str, float]:
+        return {} if self._acc is None else {f"{self.name}_accuracy": float(self._acc)}
 
 
 class MixtralAuxLoss:

@@ -1,7 +1,7 @@
 """``cairn ledger [ACTION] PROJECT ...``: look at a model project and act on its releases.
 
 Actions: list (default), show RELEASE, tree, diff A B, report [--out FILE], export RELEASE --out DIR,
-merge --name N --releases A B ..., import RUN_DIR.
+merge --name N --releases A B ..., mix --name N --releases A B ..., import RUN_DIR.
 """
 
 from __future__ import annotations
@@ -9,19 +9,24 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-ACTIONS = ["list", "show", "tree", "diff", "report", "export", "merge", "import"]
+ACTIONS = ["list", "show", "tree", "diff", "report", "export", "merge", "mix", "import"]
 
 
 def register(sub) -> None:
     p = sub.add_parser(
         "ledger",
-        help="a project's releases: list, show, tree, diff, report, export, merge, import",
+        help="a project's releases: list, show, tree, diff, report, export, merge, mix, import",
         description="Look at a model project (see `cairn init`): `cairn ledger PROJECT` lists the releases; "
                     "`cairn ledger show PROJECT RELEASE`, `tree PROJECT`, `diff PROJECT A B` (which probe sets rose "
                     "or fell), `report PROJECT [--out FILE]` (one self-contained HTML page), `export PROJECT RELEASE "
                     "--out DIR` (the weights a contributor trains from), `merge PROJECT --name N --releases A B "
-                    "[--method ties]` (fold sibling adapter releases by merging, then gate), `import PROJECT RUN_DIR "
-                    "[--method M]` (each round of a finished `cairn run` becomes a contribution).",
+                    "[--method ties]` (fold sibling adapter releases by merging, then gate), `mix PROJECT --name N "
+                    "--releases A B [--top-k K] [--router-steps 50] [--router-lr 5e-3]` (fold sibling LoRA adapter "
+                    "releases into a routed LoRA-MoE whose routers train on their probe sets, each labelling its "
+                    "expert; a mixture among --releases gets the others added as experts; then gate), `import "
+                    "PROJECT RUN_DIR [--method M]` (each round of a finished `cairn run` becomes a contribution; "
+                    "old knowledge is gated per question when the run saved old_knowledge_items.json, else flagged "
+                    "as aggregate-only).",
     )
     p.add_argument("words", nargs=argparse.REMAINDER, metavar="[ACTION] PROJECT ...",
                    help=f"action ({', '.join(ACTIONS)}; default list), the project folder, then the action's arguments")
@@ -46,6 +51,13 @@ def _action_parser(action: str) -> argparse.ArgumentParser:
         p.add_argument("--releases", nargs="+", required=True, help="sibling adapter releases to merge")
         p.add_argument("--method", default="ties", help="linear, task_arithmetic, ties, dare, dare_ties")
         p.add_argument("--density", type=float, default=None)
+    elif action == "mix":
+        p.add_argument("--name", required=True)
+        p.add_argument("--releases", nargs="+", required=True,
+                       help="LoRA adapter releases on one release (and at most one mixture on it, to add them to)")
+        p.add_argument("--top-k", type=int, default=None, help="experts per token (default: dense)")
+        p.add_argument("--router-steps", type=int, default=50, help="router training steps on the probe sets")
+        p.add_argument("--router-lr", type=float, default=5e-3, help="router learning rate")
     elif action == "import":
         p.add_argument("run_dir", type=Path)
         p.add_argument("--method", help="the run's method to import (needed when it has several)")
@@ -94,6 +106,14 @@ def run(args: argparse.Namespace) -> int:
 
         params = {"density": a.density} if a.density is not None else {}
         out = merge_releases(project, a.name, a.releases, a.method, **params)
+        print(format_table(out["gate"]))
+        return 1 if out["status"] == "rejected" else 0
+    elif action == "mix":
+        from cairn.ledger.mix import mix_releases
+
+        out = mix_releases(project, a.name, a.releases, top_k=a.top_k, steps=a.router_steps, lr=a.router_lr)
+        print(f"release {out['release']}: a LoRA mixture of {', '.join(out['experts'])}, artifact "
+              f"{out['artifact_sha'][:12]}")
         print(format_table(out["gate"]))
         return 1 if out["status"] == "rejected" else 0
     elif action == "import":

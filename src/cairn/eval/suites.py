@@ -268,6 +268,21 @@ def default_data_dir() -> Path | None:
     return Path(env).expanduser() if env else None
 
 
+def old_knowledge_dir(configured: str | None, experiment_data_dir: str | None) -> Path | None:
+    """Where an experiment's old-knowledge suite reads its data: ``evaluation.old_knowledge.data_dir``
+    when set, else ``$CAIRN_DATA``, else the experiment's own ``data_dir`` when it is laid out like the
+    data pack (holds ``old_knowledge/``), else ``None`` (the Hugging Face hub). The last rule is why
+    ``--set data_dir=PACK`` alone runs a paper config offline: one pack serves tasks and suite."""
+    if configured:
+        return Path(configured).expanduser()
+    env = default_data_dir()
+    if env is not None:
+        return env
+    if experiment_data_dir and (Path(experiment_data_dir).expanduser() / "old_knowledge").is_dir():
+        return Path(experiment_data_dir).expanduser()
+    return None
+
+
 def _find_local(data_dir: Path, rel: str) -> Path:
     """``data_dir/rel``; also accepts ``data_dir`` pointing inside the pack (``old_knowledge/`` itself)."""
     candidates = [data_dir / rel, data_dir / Path(*Path(rel).parts[1:])] if len(Path(rel).parts) > 1 else [data_dir / rel]
@@ -441,6 +456,7 @@ def evaluate_suite(
     data_files: dict[str, Path] | None = None,
     share_prefix: bool = True,
     return_details: bool = False,
+    return_items: bool = False,
     precision: str = "float32",
     bf16_tolerance: float = BF16_TOKEN_TOLERANCE,
 ) -> dict[str, dict]:
@@ -452,7 +468,8 @@ def evaluate_suite(
     ``limit`` evaluates a seeded random subset of that many questions per task; ``data_dir`` is a
     folder laid out like the data pack (``old_knowledge/<task>/...``, ``gsm8k/test.jsonl``), or
     ``None`` for ``$CAIRN_DATA`` and then the Hugging Face hub; ``data_files`` overrides the file
-    of single tasks.
+    of single tasks. ``return_items`` adds ``items``: each question's score on the primary metric (in
+    subset order), what paired comparisons of two models on the same questions need.
 
     ``precision="bf16"`` scores the multiple-choice tasks under bf16 autocast and re-scores in
     float32 every question where bf16 could have changed the prediction (:func:`near_tie` with
@@ -499,6 +516,8 @@ def evaluate_suite(
                     results[name]["rescored"] = sum(1 for d in details if d.get("rescored"))
             if return_details:
                 results[name]["details"] = details
+            if return_items:
+                results[name]["items"] = [float(v) for v in per_metric[spec.primary]]
     finally:
         model.train(was_training)
     return results

@@ -1,13 +1,16 @@
 """Contributions and releases: train or check an artifact, fold it into a release, gate it, record it.
 
 Fully cooperative (``data``): cairn trains one round from the parent release with the project's
-method (sequential LoRA or full fine-tuning with :func:`cairn.train.loop.train`, the seed paper's
-setting, Lee & Wynter 2024, arXiv 2410.13699). Semi-cooperative (``adapter`` / ``model``): the
-artifact was trained elsewhere; it is checked against the parent (:mod:`cairn.ledger.weights`) and
-only its hash, the probe set and, if given, a fingerprint of the training data are recorded.
+method (sequential LoRA or full fine-tuning, O-LoRA, N-LoRA, replay; :mod:`cairn.ledger.training`,
+the seed paper's setting, Lee & Wynter 2024, arXiv 2410.13699); with the policy's ``keep_data`` the
+training rows are stored content-addressed (their hash is the data fingerprint) for later replay.
+Semi-cooperative (``adapter`` / ``model``): the artifact was trained elsewhere; it is checked against
+the parent (:mod:`cairn.ledger.weights`) and only its hash, the probe set and, if given, a
+fingerprint of the training data are recorded (never the data).
 
-Folding is sequential (the adapter merged into the parent; a full model replaces it) or a merge of
-several contributions' adapters (:func:`cairn.combine.merge_lora.merge_adapters`). Every new release
+Folding is sequential (the adapter merged into the parent; a full model replaces it), a merge of
+several contributions' adapters (:func:`cairn.combine.merge_lora.merge_adapters`), or a mix into a
+routed LoRA-MoE (:mod:`cairn.ledger.mix`). Every new release
 is scored on every earlier probe set and its own, compared with its parent by the gate
 (:mod:`cairn.ledger.gate`), and written to the ledger in ONE transaction: a failure before the end
 leaves the ledger as it was (artifacts already in the store are content-addressed and harmless).
@@ -28,8 +31,8 @@ from cairn.ledger import db
 from cairn.ledger.gate import decide
 from cairn.ledger.probes import check_metric, fingerprint_rows, read_probe_rows, rows_bytes, score_items
 from cairn.ledger.project import Project, now
-from cairn.ledger.weights import RELEASE_FILE, build_release, check_adapter, check_model, fingerprint_model, \
-    merge_adapter, release_stamp
+from cairn.ledger.weights import MIX_KIND, RELEASE_FILE, build_release, check_adapter, check_model, \
+    fingerprint_model, merge_adapter, release_stamp
 
 
 def read_training_data(folder: Path) -> list[dict]:
@@ -53,10 +56,13 @@ def read_training_data(folder: Path) -> list[dict]:
 
 
 def data_fingerprint(folder: Path) -> dict:
-    """Hash and counts of a training set (the data itself is never stored)."""
-    rows = read_training_data(folder)
-    h = hashlib.sha256("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode()).hexdigest()
-    return {"sha256": h, "counts": {"train": len(rows)},
+    """Hash and counts of a training set (the data itself is never stored by this)."""
+    return rows_fingerprint(read_training_data(folder))
+
+
+def rows_fingerprint(rows: list[dict]) -> dict:
+    """Hash and counts of training rows; the hash is that of :func:`rows_bytes`, the rows' store address."""
+    return {"sha256": hashlib.sha256(rows_bytes(rows)).hexdigest(), "counts": {"train": len(rows)},
             "answer_chars": sum(len(r["answer"]) for r in rows)}
 
 
@@ -67,38 +73,15 @@ def _adapter_folder(root: Path) -> Path:
     return found[0]
 
 
-def train_round(project: Project, model, tokenizer, examples: list[dict], out: Path, log, progress: bool):
-    """Train one round from ``model`` with the project's method; returns (trained model merged, kind, stats)."""
-    from cairn.config import TrainingConfig, _build
-    from cairn.methods.full import make_full_trainable
-    from cairn.methods.lora import LoraConfig, add_lora_adapter, merge_adapters, save_adapter
-    from cairn.methods.registry import freeze
-    from cairn.train.loop import train
-
-    method = project.method
-    tcfg = _build(TrainingConfig, method["training"], "project method.training", str(project.path))
-    seed = int(method.get("seed", 0))
-    if method["trainable"] == "lora":
-        lcfg = _build(LoraConfig, method["lora"], "project method.lora", str(project.path))
-        model = add_lora_adapter(model, lcfg, 0, seed)
-    else:
-        model = make_full_trainable(model)
-    result = train(model, tokenizer, examples, tcfg, seed=seed, log=log, progress=progress)
-    stats = {"steps": result.steps, "tokens": result.tokens, "seconds": result.seconds}
-    if method["trainable"] == "lora":
-        save_adapter(model, 0, out / "saved")
-        folder = _adapter_folder(out / "saved")
-        return merge_adapters(model), "adapter", folder, stats
-    model.save_pretrained(out / "model", safe_serialization=True)
-    tokenizer.save_pretrained(out / "model")
-    return freeze(model), "model", out / "model", stats
-
-
 def _live_probes(project: Project) -> list:
-    """Probe sets of contributions whose release was not rejected (knowledge the project keeps)."""
-    rejected = {r.id for r in project.releases() if r.status == "rejected"}
+    """Probe sets of knowledge the project keeps: contributions whose release was not rejected, and the
+    experts of mixtures that were not rejected (a mixture may keep a rejected contribution's knowledge)."""
+    releases = project.releases()
+    rejected = {r.id for r in releases if r.status == "rejected"}
+    kept = {n for r in releases if r.kind == "mix" and r.id not in rejected
+            for e in (r.settings or {}).get("experts", []) for n in e["probes"]}
     by_id = {c.id: c for c in project.contributions()}
-    return [p for p in project.probes() if by_id[p.contribution_id].release_id not in rejected]
+    return [p for p in project.probes() if by_id[p.contribution_id].release_id not in rejected or p.name in kept]
 
 
 def _scores(project: Project, release_id: int | None, model, tokenizer, probes: list, rows_of: dict) -> dict:
@@ -128,10 +111,11 @@ def parent_old_knowledge(project: Project, parent, parent_model, tokenizer) -> d
     return suite_items(spec, parent_model, tokenizer)
 
 
-def fold_and_gate(project: Project, parent, new_model, tokenizer, new_probe: tuple[str, str, list] | None,
+def fold_and_gate(project: Project, parent, new_model, tokenizer, new_probes: list[tuple[str, str, list]],
                   parent_scores: dict, probes: list, rows_of: dict, parent_ok: dict | None = None,
                   settings: dict | None = None) -> tuple[dict, dict]:
-    """Score ``new_model`` on every live probe (and the new one) and run the gate against the parent.
+    """Score ``new_model`` on every live probe (and the new ones: (name, metric, rows), shown but not
+    gated) and run the gate against the parent.
 
     With an old-knowledge spec in the policy, the suite subset joins the gate and the release's items
     are written to ``settings["old_knowledge"]``.
@@ -148,8 +132,7 @@ def fold_and_gate(project: Project, parent, new_model, tokenizer, new_probe: tup
     metrics = {p.name: p.metric for p in probes}
     release_scores = {p.name: score_items(new_model, tokenizer, rows_of[p.name], p.metric) for p in probes}
     rows = [{"probe": n, "metric": metrics[n], "parent": parent_scores[n], "release": release_scores[n]} for n in names]
-    if new_probe is not None:
-        pname, metric, prow = new_probe
+    for pname, metric, prow in new_probes:
         release_scores[pname] = score_items(new_model, tokenizer, prow, metric)
         rows.append({"probe": pname, "metric": metric, "parent": parent_scores[pname],
                      "release": release_scores[pname], "new": True})
@@ -239,11 +222,19 @@ def contribute(project: Project, name: str, parent_name: str, contributor: str, 
     parent = project.release(parent_name)
     if parent.status == "rejected":
         raise CairnError(f"release {parent_name!r} was rejected by the gate; contribute from an accepted release")
+    if parent.artifact_kind == MIX_KIND:
+        host = (parent.settings or {}).get("host")
+        raise CairnError(f"release {parent_name!r} is a LoRA mixture (a mix fold); contributions build on plain "
+                         f"releases: contribute from its host --from {host} and add the adapter to the mixture with "
+                         f"`cairn ledger mix {project.path} --name NEW --releases {parent_name} YOUR_RELEASE`")
     if probe is None:
         raise CairnError("--probe FILE.jsonl is required: the held-out questions that later releases must keep")
     probe_rows = read_probe_rows(probe)
     metric = check_metric(probe_metric, str(probe))
     if data is not None:
+        from cairn.ledger.method import project_method
+
+        project_method(project)  # a method the ledger cannot train fails here, before any model loads
         training_rows = read_training_data(Path(data))
     fp = data_fingerprint(Path(fingerprint_data)) if fingerprint_data is not None else None
 
@@ -268,12 +259,15 @@ def contribute(project: Project, name: str, parent_name: str, contributor: str, 
         parent_scores[name] = score_items(parent_model, tokenizer, probe_rows, metric)
         parent_ok = parent_old_knowledge(project, parent, parent_model, tokenizer)
         if data is not None:
-            log(f"training {name} from release {parent.name} on {len(training_rows)} examples")
-            new_model, kind, artifact, train_stats = train_round(project, parent_model, tokenizer, training_rows,
-                                                                 tmp, log, progress)
-            fp = data_fingerprint(Path(data))
-            method = dict(project.method, trained_by="cairn", train=train_stats)
-            mode = "data"
+            from cairn.ledger.training import train_contribution
+
+            trained = train_contribution(project, parent, parent_model, tokenizer, name, training_rows, tmp, log,
+                                         progress)
+            new_model, kind, artifact, method, mode = trained.model, trained.kind, trained.artifact, trained.method, "data"
+            fp = rows_fingerprint(training_rows)
+            if project.policy.keep_data:  # for later replay; its store address is the fingerprint's sha256
+                project.store.put_bytes(rows_bytes(training_rows))
+                fp["stored"] = True
         elif adapter is not None:
             kind, artifact = "adapter", Path(adapter)
             cfg = json.loads((artifact / "adapter_config.json").read_text())
@@ -286,7 +280,7 @@ def contribute(project: Project, name: str, parent_name: str, contributor: str, 
             method = {"trained_by": "contributor", "kind": "full model"}
         artifact_sha = project.store.put_dir(artifact)
         settings["weights_sha256"] = fingerprint_model(new_model)
-        gate, release_scores = fold_and_gate(project, parent, new_model, tokenizer, (name, metric, probe_rows),
+        gate, release_scores = fold_and_gate(project, parent, new_model, tokenizer, [(name, metric, probe_rows)],
                                              parent_scores, probes, rows_of, parent_ok, settings)
     probe_sha = project.store.put_bytes(rows_bytes(probe_rows))
     wall = time.perf_counter() - t0
@@ -341,7 +335,7 @@ def merge_releases(project: Project, name: str, sources: list[str], method: str 
         settings = {"fold": "merge", "method": method, "params": params, "sources": sources,
                     "weights_sha256": fingerprint_model(new_model),
                     "merge_stats": {k: v for k, v in stats.items() if isinstance(v, (int, float, str))}}
-        gate, release_scores = fold_and_gate(project, parent, new_model, tokenizer, None, parent_scores, probes, rows_of,
+        gate, release_scores = fold_and_gate(project, parent, new_model, tokenizer, [], parent_scores, probes, rows_of,
                                              parent_ok, settings)
     release = {"name": name, "parent_id": parent.id, "kind": "merge", "artifact_sha": artifact_sha,
                "artifact_kind": "adapter", "status": gate["status"], "gate": gate, "settings": settings}

@@ -34,9 +34,9 @@ releases = sa.Table(
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("name", sa.String(128), nullable=False, unique=True),
     sa.Column("parent_id", sa.Integer, sa.ForeignKey("releases.id"), nullable=True),
-    sa.Column("kind", sa.String(32), nullable=False),            # base | sequential | merge | import
+    sa.Column("kind", sa.String(32), nullable=False),            # base | sequential | merge | mix | import
     sa.Column("artifact_sha", sa.String(64), nullable=True),     # adapter or model folder (manifest hash)
-    sa.Column("artifact_kind", sa.String(16), nullable=True),    # adapter | model | None (base)
+    sa.Column("artifact_kind", sa.String(16), nullable=True),    # adapter | model | lora-moe | None (base)
     sa.Column("status", sa.String(16), nullable=False),          # accepted | flagged | rejected
     sa.Column("gate", sa.JSON, nullable=True),                   # the gate's table and decision
     sa.Column("settings", sa.JSON, nullable=True),               # fold method and parameters
@@ -52,7 +52,7 @@ contributions = sa.Table(
     sa.Column("release_id", sa.Integer, sa.ForeignKey("releases.id"), nullable=True),
     sa.Column("mode", sa.String(16), nullable=False),            # data | adapter | model | import
     sa.Column("method", sa.JSON, nullable=True),                 # method and its settings
-    sa.Column("data_fingerprint", sa.JSON, nullable=True),       # {"sha256", "counts"}; never the data
+    sa.Column("data_fingerprint", sa.JSON, nullable=True),       # {"sha256", "counts", "stored"?}; the rows only with keep_data
     sa.Column("artifact_sha", sa.String(64), nullable=True),
     sa.Column("artifact_kind", sa.String(16), nullable=True),
     sa.Column("wall_seconds", sa.Float, nullable=True),

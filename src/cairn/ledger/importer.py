@@ -6,8 +6,15 @@ experiment's ``base/predictions.json``; a full-fine-tuning round stored as a del
 full model it restores to. Round k is recorded as a release built on round k-1 (on the
 chosen release for the first round, or for every round of a one-round method) with the round's
 artifact; the task's test questions become its probe set, and every evaluation is re-scored item by
-item from the stored predictions, so an import evaluates nothing and needs no GPU. The gate runs on those
-scores exactly as for a contribution. All rounds are recorded in one transaction.
+item from the stored predictions, so an import evaluates nothing and needs no GPU. The gate runs on
+those scores exactly as for a contribution. All rounds are recorded in one transaction.
+
+Old knowledge, when the policy names ``old_knowledge`` tasks, comes from the run's own evaluation
+(``evaluation.old_knowledge``) of the round and of its parent row: per question from
+``old_knowledge_items.json`` (written by the runner next to ``round.json``) with the paired bootstrap
+as for a contribution; from ``round.json``'s aggregates only (older runs) as an ``aggregate`` row with
+no interval; not at all (the run did not score that task on both rows) as an ``unscored`` row. The
+last two flag the release (:func:`cairn.ledger.gate.decide`): never silently accepted.
 """
 
 from __future__ import annotations
@@ -22,6 +29,32 @@ from cairn.errors import CairnError
 from cairn.ledger.contribute import record_many
 from cairn.ledger.gate import decide
 from cairn.ledger.probes import rows_bytes, score_predictions
+from cairn.rundir import read_old_items, read_round
+
+
+def old_knowledge_rows(tasks: list[str], parent_dir: Path, release_dir: Path) -> list[dict]:
+    """Gate rows ``old:<task>`` for the policy's tasks from a run's saved old-knowledge results."""
+    sides = []
+    for d in (parent_dir, release_dir):
+        rec = read_round(d)
+        sides.append(((rec.old_knowledge if rec else None) or {}, read_old_items(d) or {}))
+    (p_agg, p_items), (r_agg, r_items) = sides
+    rows = []
+    for task in tasks:
+        probe = f"old:{task}"
+        if task not in p_agg or task not in r_agg:
+            where = " and ".join(w for w, agg in (("its parent row", p_agg), ("this round", r_agg)) if task not in agg)
+            metric = (p_agg.get(task) or r_agg.get(task) or {}).get("primary_metric", "-")
+            rows.append({"probe": probe, "metric": metric,
+                         "unscored": f"the run did not score {task} on {where} (evaluation.old_knowledge)"})
+        elif task in p_items and task in r_items and len(p_items[task]) == len(r_items[task]) > 0:
+            rows.append({"probe": probe, "metric": r_agg[task]["primary_metric"], "parent": p_items[task],
+                         "release": r_items[task]})
+        else:
+            rows.append({"probe": probe, "metric": r_agg[task]["primary_metric"],
+                         "aggregate": {"parent": p_agg[task]["primary"], "release": r_agg[task]["primary"],
+                                       "n": r_agg[task].get("n")}})
+    return rows
 
 
 def _method_dir(run_dir: Path, method: str | None) -> tuple[Path, Path]:
@@ -75,8 +108,9 @@ def import_run(project, run_dir: Path, method: str | None = None, parent: str = 
             raise CairnError(f"{mdir}: LoRAMoE rounds are not importable yet (they are not PEFT adapters)")
     metrics = {t["name"]: t["metric"] for t in results["tasks"]}
     prefix = prefix or f"{exp.name}-{mdir.name}"
-    previous = {"name": start.name, "preds": json.loads(base_preds_file.read_text())}
+    previous = {"name": start.name, "preds": json.loads(base_preds_file.read_text()), "dir": exp / "base"}
     base_preds = previous["preds"]
+    ok_tasks = (project.policy.old_knowledge or {}).get("tasks") or []
     items, summaries, probe_names, known = [], [], [], {r.name for r in project.releases()}
     known |= {c.name for c in project.contributions()}
     rounds = sorted(p for p in (mdir / "rounds").iterdir() if (p / "round.json").is_file())
@@ -97,7 +131,8 @@ def import_run(project, run_dir: Path, method: str | None = None, parent: str = 
             kind, artifact = "model", rdir / "model"
         else:
             raise CairnError(f"{rdir} has no adapter/ or model/ artifact to import")
-        parent_rec = {"name": start.name, "preds": base_preds} if strategy == "one-round" else previous
+        parent_rec = {"name": start.name, "preds": base_preds, "dir": exp / "base"} if strategy == "one-round" \
+            else previous
         if label not in metrics:
             raise CairnError(f"{rdir}: round task {label!r} is not a task of {mdir / 'results.json'}")
         probe_rows = [{"prompt": r["prompt"], "answer": r["reference"]} for r in base_preds[label]]
@@ -108,7 +143,7 @@ def import_run(project, run_dir: Path, method: str | None = None, parent: str = 
             release_scores[pname] = score_predictions(preds[task], metrics[task])
             rows.append({"probe": pname, "metric": metrics[task], "parent": parent_scores[pname],
                          "release": release_scores[pname], "new": pname == name})
-        gate = decide(rows, project.policy)
+        gate = decide(rows + old_knowledge_rows(ok_tasks, parent_rec["dir"], rdir), project.policy)
         sha = _put_artifact(project, artifact)
         items.append(dict(
             release={"name": name, "parent_name": parent_rec["name"], "kind": "import", "artifact_sha": sha,
@@ -124,6 +159,6 @@ def import_run(project, run_dir: Path, method: str | None = None, parent: str = 
             parent_scores=parent_scores, release_scores=release_scores))
         summaries.append({"release": name, "status": gate["status"], "gate": gate})
         probe_names.append((name, label))
-        previous = {"name": name, "preds": preds}
+        previous = {"name": name, "preds": preds, "dir": rdir}
     record_many(project, items)
     return summaries

@@ -2,8 +2,8 @@
 
 When the policy names ``old_knowledge: {tasks, limit, data_dir, seed}``, every new release and its
 parent are scored with :func:`cairn.eval.suites.evaluate_suite` on the same seeded subset of each
-task, and each question's correctness on the task's primary metric (acc, acc_norm or GSM8K's
-flexible exact match) joins the gate as the row ``old:<task>``, compared by the same paired
+task, and each question's score on the task's primary metric (acc, acc_norm or GSM8K's flexible
+exact match; the suite's ``items``) joins the gate as the row ``old:<task>``, compared by the same paired
 bootstrap as the probe sets. A release keeps its items in its settings so its children reuse them.
 """
 
@@ -26,19 +26,6 @@ def check_spec(spec: dict | None, where: str) -> None:
         raise CairnError(f"{where}: unknown old_knowledge key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(KEYS))}")
 
 
-def _items(result: dict) -> list[float]:
-    metric = result["primary_metric"]
-    details = result["details"]
-    if metric == "acc":
-        return [float(d["pred"] == d["gold"]) for d in details]
-    if metric == "acc_norm":
-        return [float(d["pred_norm"] == d["gold"]) for d in details]
-    if metric.startswith("exact_match"):
-        key = "flexible" if metric.endswith("flexible") else "strict"
-        return [float(d[key]) for d in details]
-    raise CairnError(f"old-knowledge metric {metric!r} has no per-question form for the gate")
-
-
 def suite_items(spec: dict, model, tokenizer) -> dict[str, dict]:
     """{task: {"metric", "items"}} on the policy's seeded subset."""
     from cairn.eval.suites import evaluate_suite
@@ -46,8 +33,8 @@ def suite_items(spec: dict, model, tokenizer) -> dict[str, dict]:
     data_dir = Path(spec["data_dir"]).expanduser() if spec.get("data_dir") else None
     results = evaluate_suite(model, tokenizer, spec["tasks"], data_dir=data_dir, limit=spec.get("limit", 50),
                              seed=spec.get("seed", 1234), batch_size=spec.get("batch_size", 16), progress=False,
-                             return_details=True)
-    return {task: {"metric": r["primary_metric"], "items": _items(r)} for task, r in results.items()}
+                             return_items=True)
+    return {task: {"metric": r["primary_metric"], "items": r["items"]} for task, r in results.items()}
 
 
 def gate_rows(parent: dict[str, dict], release: dict[str, dict]) -> list[dict]:

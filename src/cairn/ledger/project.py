@@ -3,7 +3,8 @@
 By default both live in the folder (``ledger.db``, SQLite in WAL mode, and ``store/``); a team on
 several machines points ``--db`` at PostgreSQL and ``--store`` at shared storage (any fsspec URL).
 The ledger's ``meta`` table holds the project's identity, base model, weights fingerprint of the
-base, gate policy and training method; the first release, ``base``, is the base model itself.
+base, gate policy and training method (:mod:`cairn.ledger.method`); the first release, ``base``, is
+the base model itself.
 """
 
 from __future__ import annotations
@@ -28,16 +29,6 @@ PROJECT_FILE = "cairn-project.json"
 
 def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def default_method(trainable: str = "lora") -> dict:
-    from cairn.config import TrainingConfig
-    from cairn.methods.lora import LoraConfig
-
-    if trainable not in ("lora", "full"):
-        raise CairnError(f"--method must be lora or full (sequential), got {trainable!r}")
-    return {"strategy": "sequential", "trainable": trainable, "lora": dataclasses.asdict(LoraConfig()),
-            "training": dataclasses.asdict(TrainingConfig())}
 
 
 class Project:

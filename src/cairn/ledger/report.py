@@ -12,6 +12,7 @@ import html
 from pathlib import Path
 
 from cairn import atomic
+from cairn.ledger.gate import interval_text
 from cairn.ledger.views import score_matrix
 
 COLOURS = {"accepted": "#2e7d32", "flagged": "#f9a825", "rejected": "#c62828"}
@@ -94,10 +95,14 @@ def build_ledger_report(project, out: Path | None = None) -> Path:
         if not r.gate:
             continue
         g = r.gate
+        num = lambda v, fmt: format(v, fmt) if v is not None else "–"  # noqa: E731 - unscored rows have none
         trs = "".join(
-            f"<tr><td>{html.escape(t['probe'])}</td><td>{t['n']}</td><td>{t['parent']:.1f}</td><td>{t['release']:.1f}</td>"
-            f"<td>{t['delta']:+.1f}</td><td>[{t['lo']:+.1f}, {t['hi']:+.1f}]</td>"
-            f"<td class=\"v-{t['verdict']}\">{t['verdict']}</td></tr>" for t in g["table"])
+            f"<tr><td>{html.escape(t['probe'])}</td><td>{t['n']}</td><td>{num(t['parent'], '.1f')}</td>"
+            f"<td>{num(t['release'], '.1f')}</td><td>{num(t['delta'], '+.1f')}</td>"
+            f"<td>{html.escape(interval_text(t))}</td>"
+            f"<td class=\"v-{t['verdict']}\">{t['verdict']}"
+            f"{'<br><small>' + html.escape(t['note']) + '</small>' if t.get('note') else ''}</td></tr>"
+            for t in g["table"])
         parent = by_id[r.parent_id].name if r.parent_id else "-"
         gates.append(f'<h3>{html.escape(r.name)} <span class="st {r.status}">{r.status}</span> '
                      f'<small>vs parent {html.escape(parent)}; max drop {g["policy"]["max_drop"]:g} points, '
@@ -119,7 +124,7 @@ th {{ background: #f3f3f3; }}
 td.up {{ background: #e3f2e5; }} td.down {{ background: #fbe3e3; }} td.na {{ color: #999; }}
 .st {{ padding: 1px 6px; border-radius: 4px; color: white; font-size: 0.85em; }}
 .accepted {{ background: #2e7d32; }} .flagged {{ background: #f9a825; }} .rejected {{ background: #c62828; }}
-.v-fail {{ color: #c62828; font-weight: bold; }} .v-noisy {{ color: #b8860b; }}
+.v-fail {{ color: #c62828; font-weight: bold; }} .v-noisy, .v-aggregate, .v-unscored {{ color: #b8860b; }}
 </style></head><body>
 <h1>cairn ledger: {html.escape(project.meta['name'])}</h1>
 <p>Base model <code>{html.escape(project.base)}</code>; {len(releases)} releases, {len(probes)} probe sets.

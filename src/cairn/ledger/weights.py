@@ -2,7 +2,9 @@
 
 A release is stored as a recipe, not as a copy of the model: its parent plus one artifact (a PEFT
 adapter merged into the parent's weights, or a full model that replaces them). Building a release
-walks its lineage from the base, verifying every artifact read from the store.
+walks its lineage from the base, verifying every artifact read from the store. A mix release's
+artifact is a routed LoRA-MoE (:mod:`cairn.ledger.mix`) built on its host release's weights (its
+``settings["host"]``), so it is built from the host, not from its parent; nothing builds on a mixture.
 
 A contribution trained elsewhere must be built on the release it names (``--from``):
 - an adapter: ``cairn_release.json`` (written by ``cairn ledger export`` next to the weights a
@@ -28,6 +30,8 @@ import torch
 from cairn.errors import CairnError
 
 RELEASE_FILE = "cairn_release.json"
+#: artifact_kind of a mix release: a routed LoRA-MoE folder (cairn.combine.moe_lora.save_lora_moe)
+MIX_KIND = "lora-moe"
 
 
 def fingerprint_model(model) -> str:
@@ -59,8 +63,14 @@ def build_release(project, release):
     """The model of ``release`` (a row of the releases table), built from the base along its lineage."""
     from cairn.models import load_model
 
-    model = load_model(project.base)
     chain = project.lineage(release)
+    mixes = [r for r in chain if r.artifact_kind == MIX_KIND]
+    if mixes:
+        if mixes[-1].id != release.id:  # refused when contributing; a hand-edited ledger lands here
+            raise CairnError(f"release {release.name!r} is built on the mixture {mixes[-1].name!r}; nothing can "
+                             "build on a mixture (add experts to it with `cairn ledger mix` instead)")
+        return build_mixture(project, release)
+    model = load_model(project.base)
     if fingerprint_model(model) != project.meta["base_weights_sha256"]:
         raise CairnError(f"the base model {project.base!r} no longer has the weights recorded at `cairn init` "
                          "(its files changed); restore them or point the project at the original weights")
@@ -75,6 +85,20 @@ def build_release(project, release):
                 model = load_model(str(folder))
     model.eval()
     return model
+
+
+def build_mixture(project, release):
+    """A mix release's model: its routed LoRA-MoE (from the store) on its host release's weights."""
+    from cairn.combine.moe_lora import load_lora_moe
+
+    host = project.release((release.settings or {}).get("host") or "")
+    model = build_release(project, host)
+    with tempfile.TemporaryDirectory(prefix="cairn-release-") as tmp:
+        folder = project.store.get_dir(release.artifact_sha, Path(tmp) / "artifact")
+        model = load_lora_moe(folder, model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
 
 
 def release_stamp(project, release) -> dict:
@@ -178,16 +202,27 @@ def check_model(model_dir: Path, project, parent, parent_model, max_relative_del
 
 
 def export_release(project, release, out: Path) -> Path:
-    """Write the release's model, the base's tokenizer and ``cairn_release.json`` to ``out``."""
+    """Write the release's model, the base's tokenizer and ``cairn_release.json`` to ``out``.
+
+    A mix release is written as its host's weights with the mixture in ``out/lora-moe/``
+    (``load_lora_moe(out / "lora-moe", AutoModelForCausalLM.from_pretrained(out))`` rebuilds it).
+    """
     from cairn import atomic
     from cairn.models import load_tokenizer
 
     if out.exists():
         raise CairnError(f"{out} exists; pick a new folder for the export")
-    model = build_release(project, release)
     tokenizer = load_tokenizer(project.base)
+    if release.artifact_kind == MIX_KIND:
+        model = build_release(project, project.release(release.settings["host"]))
+    else:
+        model = build_release(project, release)
     with atomic.atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        atomic.write_json(tmp / RELEASE_FILE, release_stamp(project, release))
+        if release.artifact_kind == MIX_KIND:
+            project.store.get_dir(release.artifact_sha, tmp / "lora-moe")
+        atomic.write_json(tmp / RELEASE_FILE, release_stamp(project, release) | (
+            {"mixture": "lora-moe/ on these weights (cairn.combine.moe_lora.load_lora_moe)"}
+            if release.artifact_kind == MIX_KIND else {}))
     return out
