@@ -74,3 +74,15 @@ def test_curriculum_order_change_is_named(data):
     keys = [k for k, _, _ in diff(method_fingerprint(cfg, cfg.methods[0]),
                                   method_fingerprint(swapped, swapped.methods[0]))]
     assert "tasks.names" in keys
+
+
+def test_gradient_checkpointing_is_not_part_of_the_fingerprint(tmp_path, data):
+    """A run that ran out of memory resumes with checkpointing on: same fingerprint, also against a
+    fingerprint stored before the key was skipped."""
+    cfg, ckpt = _cfg(data), _cfg(data, training={"lr": 1e-4, "gradient_checkpointing": True})
+    fp = method_fingerprint(cfg, cfg.methods[0])
+    assert diff(fp, method_fingerprint(ckpt, ckpt.methods[0])) == []
+    old = json.loads(json.dumps(fp)) | {"training": fp["training"] | {"gradient_checkpointing": False}}
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "fingerprint.json").write_text(json.dumps(old))
+    assert check_fingerprint(tmp_path / "m", method_fingerprint(ckpt, ckpt.methods[0])) == "same"

@@ -271,3 +271,18 @@ def test_resumed_round_keeps_its_counters(tmp_path, char_tokenizer):
     # one process, same kernels, the same float sums in the same order: exactly equal
     assert strip(resumed.log) == strip(reference.log)
     assert resumed.tokens == reference.tokens > 0 and resumed.steps == reference.steps
+
+
+def test_gradient_checkpointing_trains_the_same_weights(char_tokenizer):
+    """Why the fingerprint may skip ``gradient_checkpointing``: recomputing the forward in the backward
+    gives the same update. Same kernels on both sides, but the recomputed graph may be fused or ordered
+    differently, so float32 rounding (1e-6 relative) is allowed rather than bit-equality."""
+    weights = []
+    for on in (False, True):
+        torch.manual_seed(0)
+        model = make_full_trainable(make_tiny_llama())
+        train(model, char_tokenizer, EXAMPLES, _cfg(max_steps=3, gradient_checkpointing=on), seed=0, progress=False,
+              log=lambda s: None)
+        weights.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    for k, v in weights[0].items():
+        torch.testing.assert_close(weights[1][k], v, rtol=1e-6, atol=1e-7, msg=k)

@@ -14,7 +14,9 @@ What is in it, and why:
   section to ``results.json``).
 - ``training``: the experiment's training settings with the method's overrides applied
   (:meth:`ExperimentConfig.training_for`), without ``log_every``/``save_every`` (logging and
-  checkpoint cadence; they do not change the trained weights).
+  checkpoint cadence) and ``gradient_checkpointing`` (the forward recomputed in the backward: the
+  same weights up to float rounding, tested). None changes the trained weights, so a run that ran out
+  of memory can be resumed with checkpointing switched on.
 - ``tasks``: each task's full definition in curriculum order (format, path, fields, subsample sizes...).
 - ``data``: for each task whose path is a local file or folder, every file's size and SHA-256.
   Content hashes, not mtimes: a data pack copied to another disk or checked out again keeps its
@@ -43,7 +45,7 @@ from cairn.errors import CairnError
 FILE_NAME = "fingerprint.json"
 HASH_LIMIT = 512 * 1024 * 1024  # bytes; larger files are fingerprinted by size and mtime
 _METHOD_SKIP = {"name", "diagnostics", "diagnostics_threshold", "training"}  # training: resolved below
-_TRAINING_SKIP = {"log_every", "save_every"}
+_TRAINING_SKIP = {"log_every", "save_every", "gradient_checkpointing"}
 
 
 def _file_entry(path: Path) -> dict:
@@ -164,6 +166,8 @@ def check_fingerprint(method_dir: str | os.PathLike, fingerprint: dict, overwrit
         stored = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
         stored = {}
+    if isinstance(stored.get("training"), dict):  # fingerprints written before a key joined _TRAINING_SKIP
+        stored["training"] = {k: v for k, v in stored["training"].items() if k not in _TRAINING_SKIP}
     changes = diff(stored, json.loads(json.dumps(fingerprint, default=str)))
     if not changes:
         return "same"
