@@ -188,3 +188,23 @@ def test_shared_prefix_computed_once(model, tokenizer, monkeypatch):
     assert shared and shared[0] >= 16
     assert got == [plain_generate(model, tokenizer, [p], 12, 1, stop)[0] for p in prompts]
     assert generate(model, tokenizer, prompts, max_new_tokens=12, batch_size=3, stop=stop, continuous=False) == got
+
+
+def test_max_prompt_tokens_keeps_the_last_tokens(tiny_llama, char_tokenizer):
+    # TRACE's max_prompt_len: a longer prompt keeps its last N tokens (the question at its end),
+    # a shorter one is unchanged (the character tokenizer makes token = character + a leading BOS)
+    model, tok = tiny_llama, char_tokenizer
+    prompts = ["a long meeting transcript, then the question: Summary:", "short: "]
+    n = 20
+    got = generate(model, tok, prompts, max_new_tokens=6, batch_size=2, max_prompt_tokens=n)
+    for prompt, text in zip(prompts, got):
+        ids = tok(prompt)["input_ids"][-n:]
+        assert len(ids) == min(n, len(prompt) + 1)
+        with torch.no_grad():
+            out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+        assert text == tok.decode(out[0, len(ids):], skip_special_tokens=True)
+    whole = generate(model, tok, prompts, max_new_tokens=6, batch_size=2)
+    assert whole[1] == got[1] and whole[0] != got[0]  # only the long prompt was cut, and that mattered
+    with pytest.raises(ValueError, match="max_prompt_tokens"):
+        generate(model, tok, prompts, max_new_tokens=6, batch_size=2, max_prompt_tokens=0)
