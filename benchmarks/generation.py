@@ -1,14 +1,16 @@
 """Long-answer generation: cairn's batched greedy generation against a plain batched ``generate``.
 
-The baseline ("plain") is what a user (or lm-evaluation-harness's HF backend) writes: batches of
-prompts in input order, left padded, ``model.generate`` with the stop strings (transformers'
-``stop_strings``), then the text cut at the first stop string. cairn's
-:func:`cairn.eval.generation.generate` sorts prompts by length and checks stop strings per running
-row; "current" runs it one batch at a time (finished rows leave the batch, ``continuous=False``),
-"continuous" refills a finished row's slot with the next prompt (continuous batching), and
-``--wide B`` adds continuous batching at a larger batch. All run side by side, the order rotated
-each repeat; the script prints median seconds, ratios, forward calls (prefills, decode steps) and
-how many outputs differ from plain generate's. It then reports, for short answers (1-3 new tokens,
+The baseline ("plain") is what a user writes: batches of prompts in input order, left padded,
+``model.generate`` with the stop strings (transformers' ``stop_strings``), then the text cut at the
+first stop string. With lm-evaluation-harness installed, "lm-eval" is its HF backend's
+``generate_until`` on the same prompts and batch size (length-sorted batches, ``generate`` with its
+own stop criteria). cairn's :func:`cairn.eval.generation.generate` sorts prompts by length and
+checks stop strings per running row; "current" runs it one batch at a time (finished rows leave
+the batch, ``continuous=False``), "continuous" refills a finished row's slot with the next prompt
+(continuous batching, shared prompt prefix computed once), and ``--wide B`` adds continuous
+batching at a larger batch. All run side by side, the order rotated each repeat, after one warm-up
+call; the script prints median seconds, ratios, forward calls (prefills, decode steps) and how many
+outputs differ from plain generate's. It then reports, for short answers (1-3 new tokens,
 classification-style tasks), cairn's time against the floor of one batched forward of the prompts.
 
     python benchmarks/generation.py [--model smollm2-135m] [--n 16] [--max-new-tokens 64] [--threads 1]
@@ -66,6 +68,24 @@ def plain(model, tokenizer, texts, max_new_tokens, batch_size, stop):
     return outs
 
 
+def lm_eval_runner(model, tokenizer, batch_size):
+    """lm-evaluation-harness's own ``generate_until`` (HF backend: length-sorted batches through
+    ``model.generate`` with its stop-sequence criteria), or None when lm-eval is not installed."""
+    try:
+        from lm_eval.api.instance import Instance
+        from lm_eval.models.huggingface import HFLM
+    except ImportError:
+        return None
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device="cpu")
+
+    def run(texts, max_new_tokens, stop):
+        kwargs = {"until": list(stop), "max_gen_toks": max_new_tokens, "do_sample": False}
+        requests = [Instance(request_type="generate_until", doc={}, arguments=(t, dict(kwargs)), idx=i)
+                    for i, t in enumerate(texts)]
+        return lm.generate_until(requests, disable_tqdm=True)
+    return run
+
+
 class ForwardCounter:
     """Counts the model's forward calls: prefills (several tokens a row) and decode steps (one token)."""
 
@@ -104,6 +124,8 @@ def main() -> None:
                     help="torch threads (0: torch's default). On a CPU shared with other jobs, 1 avoids "
                          "OpenMP threads waiting on each other at every op, which swamps both timings")
     ap.add_argument("--no-floor", action="store_true", help="skip the short-answer forward-floor report")
+    ap.add_argument("--no-lm-eval", action="store_true",
+                    help="leave out lm-evaluation-harness's generate_until (run when lm-eval is installed)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -120,13 +142,19 @@ def main() -> None:
     else:
         texts, stop = prompts(args.n), ["\n\n", "Notes:"]
     bs, k = args.batch_size, args.max_new_tokens
-    runs = {
-        "plain": lambda: plain(model, tokenizer, texts, k, bs, stop),
-        "current": lambda: generate(model, tokenizer, texts, k, bs, stop=stop, continuous=False),
-        "continuous": lambda: generate(model, tokenizer, texts, k, bs, stop=stop),
-    }
+    runs = {"plain": lambda: plain(model, tokenizer, texts, k, bs, stop)}
+    harness = None if args.no_lm_eval else lm_eval_runner(model, tokenizer, bs)
+    if harness is not None:
+        runs["lm-eval"] = lambda: harness(texts, k, stop)
+    runs["current"] = lambda: generate(model, tokenizer, texts, k, bs, stop=stop, continuous=False)
+    runs["continuous"] = lambda: generate(model, tokenizer, texts, k, bs, stop=stop)
     if args.wide:
         runs[f"continuous@{args.wide}"] = lambda: generate(model, tokenizer, texts, k, args.wide, stop=stop)
+    # warm-up: first calls pay one-off set-up costs
+    generate(model, tokenizer, texts[:2], 2, 2, stop=stop)
+    plain(model, tokenizer, texts[:2], 2, 2, stop)
+    if harness is not None:
+        harness(texts[:2], 2, stop)
     counter = ForwardCounter(model)
     times: dict[str, list[float]] = {name: [] for name in runs}
     results, forwards = {}, {}
@@ -144,11 +172,13 @@ def main() -> None:
     print(f"\n{args.n} {args.prompts} prompts, batch {bs}, {k} new tokens max, answers of "
           f"{min(lengths)}-{max(lengths)} tokens (mean {statistics.mean(lengths):.1f}); "
           f"{sum(n < k - 2 for n in lengths)}/{args.n} stopped early (stop string/EOS)")
-    print(f"{'':>14}  {'seconds':>8}  {'plain/x':>8}  {'current/x':>9}  {'prefills':>8}  {'decode steps':>12}  differ")
+    bases = [b for b in ("plain", "lm-eval", "current") if b in runs]
+    print(f"{'':>14}  {'seconds':>8}  " + "  ".join(f"{b + '/x':>10}" for b in bases)
+          + f"  {'prefills':>8}  {'decode steps':>12}  differ")
     for name in runs:
         differ = sum(a != b for a, b in zip(results[name], results["plain"]))
-        print(f"{name:>14}  {med[name]:8.1f}  {med['plain'] / med[name]:7.2f}x  {med['current'] / med[name]:8.2f}x  "
-              f"{forwards[name][0]:8d}  {forwards[name][1]:12d}  {differ}")
+        print(f"{name:>14}  {med[name]:8.1f}  " + "  ".join(f"{med[b] / med[name]:9.2f}x" for b in bases)
+              + f"  {forwards[name][0]:8d}  {forwards[name][1]:12d}  {differ}")
     print("differ: outputs unlike plain generate's (float rounding of differently shaped batches can only "
           "matter on a near-tie of two tokens)")
     if not args.no_floor:

@@ -208,3 +208,16 @@ def test_max_prompt_tokens_keeps_the_last_tokens(tiny_llama, char_tokenizer):
     assert whole[1] == got[1] and whole[0] != got[0]  # only the long prompt was cut, and that mattered
     with pytest.raises(ValueError, match="max_prompt_tokens"):
         generate(model, tok, prompts, max_new_tokens=6, batch_size=2, max_prompt_tokens=0)
+
+
+def test_roomy_cache_grows_past_its_room(model, tokenizer, monkeypatch):
+    # decode steps write into spare columns of the cache's buffers; with 3 spare columns the buffers
+    # fill up every few steps (and at every prefill), so moving to a new buffer is exercised often
+    from cairn.eval import continuous
+
+    monkeypatch.setattr(continuous, "ROOM", 3)
+    header = "Question: A B C D\nAnswer: the quick brown fox jumps over the lazy dog.\n\n" * 2
+    stop = _stops(model, tokenizer)
+    for prompts in (PROMPTS + [header + p for p in PROMPTS[:3]], [header + p for p in PROMPTS]):  # 2nd: shared prefix
+        got = generate(model, tokenizer, prompts, max_new_tokens=20, batch_size=3, stop=stop)
+        assert got == [plain_generate(model, tokenizer, [p], 20, 1, stop)[0] for p in prompts]

@@ -148,7 +148,7 @@ def generate(
     shared = SharedPrefix.of(encoded, least=SHARED_PREFIX_MIN) if joinable else []
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress or not dist.is_main(), leave=False)
     try:
-        prefix = SharedPrefix(model, shared, fwd) if shared else None
+        prefix = SharedPrefix(model, shared, fwd) if shared and mine else None
         for stream in mine:
             if seq2seq:
                 news = {}
