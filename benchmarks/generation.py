@@ -1,15 +1,20 @@
 """Long-answer generation: cairn's batched greedy generation against a plain batched ``generate``.
 
-The baseline is what a user (or lm-evaluation-harness's HF backend) writes: batches of prompts in
-input order, left padded, ``model.generate`` with the stop strings (transformers' ``stop_strings``),
-then the text cut at the first stop string. cairn's :func:`cairn.eval.generation.generate` sorts
-prompts by length, checks stop strings per running row and drops finished rows from the batch
-(input, mask and KV cache). Both run side by side in alternating order (A/B/B/A...); the script
-prints seconds, the ratio and how many outputs differ (must be 0). It then reports, for short
-answers (1-3 new tokens, classification-style tasks), cairn's time against the floor of one
-batched forward of the same prompts.
+The baseline ("plain") is what a user writes: batches of prompts in input order, left padded,
+``model.generate`` with the stop strings (transformers' ``stop_strings``), then the text cut at the
+first stop string. With lm-evaluation-harness installed, "lm-eval" is its HF backend's
+``generate_until`` on the same prompts and batch size (length-sorted batches, ``generate`` with its
+own stop criteria). cairn's :func:`cairn.eval.generation.generate` sorts prompts by length and
+checks stop strings per running row; "current" runs it one batch at a time (finished rows leave
+the batch, ``continuous=False``), "continuous" refills a finished row's slot with the next prompt
+(continuous batching, shared prompt prefix computed once), and ``--wide B`` adds continuous
+batching at a larger batch. All run side by side, the order rotated each repeat, after one warm-up
+call; the script prints median seconds, ratios, forward calls (prefills, decode steps) and how many
+outputs differ from plain generate's. It then reports, for short answers (1-3 new tokens,
+classification-style tasks), cairn's time against the floor of one batched forward of the prompts.
 
     python benchmarks/generation.py [--model smollm2-135m] [--n 16] [--max-new-tokens 64] [--threads 1]
+    python benchmarks/generation.py --prompts gsm8k --data DATA_PACK --n 48 --max-new-tokens 96 --threads 1
 """
 
 from __future__ import annotations
@@ -63,11 +68,53 @@ def plain(model, tokenizer, texts, max_new_tokens, batch_size, stop):
     return outs
 
 
+def lm_eval_runner(model, tokenizer, batch_size):
+    """lm-evaluation-harness's own ``generate_until`` (HF backend: length-sorted batches through
+    ``model.generate`` with its stop-sequence criteria), or None when lm-eval is not installed."""
+    try:
+        from lm_eval.api.instance import Instance
+        from lm_eval.models.huggingface import HFLM
+    except ImportError:
+        return None
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device="cpu")
+
+    def run(texts, max_new_tokens, stop):
+        kwargs = {"until": list(stop), "max_gen_toks": max_new_tokens, "do_sample": False}
+        requests = [Instance(request_type="generate_until", doc={}, arguments=(t, dict(kwargs)), idx=i)
+                    for i, t in enumerate(texts)]
+        return lm.generate_until(requests, disable_tqdm=True)
+    return run
+
+
+class ForwardCounter:
+    """Counts the model's forward calls: prefills (several tokens a row) and decode steps (one token)."""
+
+    def __init__(self, model):
+        self.prefill = self.decode = 0
+        model.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None:
+            if ids.shape[1] == 1:
+                self.decode += 1
+            else:
+                self.prefill += 1
+
+    def take(self) -> tuple[int, int]:
+        out = (self.prefill, self.decode)
+        self.prefill = self.decode = 0
+        return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--wide", type=int, default=0,
+                    help="also run cairn continuous at this batch size (a larger batch is nearly free per step "
+                         "on a CPU); 0: no")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--prompts", choices=("reports", "gsm8k"), default="reports",
@@ -76,6 +123,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (0: torch's default). On a CPU shared with other jobs, 1 avoids "
                          "OpenMP threads waiting on each other at every op, which swamps both timings")
+    ap.add_argument("--no-floor", action="store_true", help="skip the short-answer forward-floor report")
+    ap.add_argument("--no-lm-eval", action="store_true",
+                    help="leave out lm-evaluation-harness's generate_until (run when lm-eval is installed)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -91,26 +141,48 @@ def main() -> None:
         texts, stop = gsm8k_prompts(args.data, args.n), STOP + [tokenizer.eos_token]
     else:
         texts, stop = prompts(args.n), ["\n\n", "Notes:"]
-    times: dict[str, list[float]] = {"cairn": [], "plain": []}
-    results = {}
+    bs, k = args.batch_size, args.max_new_tokens
+    runs = {"plain": lambda: plain(model, tokenizer, texts, k, bs, stop)}
+    harness = None if args.no_lm_eval else lm_eval_runner(model, tokenizer, bs)
+    if harness is not None:
+        runs["lm-eval"] = lambda: harness(texts, k, stop)
+    runs["current"] = lambda: generate(model, tokenizer, texts, k, bs, stop=stop, continuous=False)
+    runs["continuous"] = lambda: generate(model, tokenizer, texts, k, bs, stop=stop)
+    if args.wide:
+        runs[f"continuous@{args.wide}"] = lambda: generate(model, tokenizer, texts, k, args.wide, stop=stop)
+    # warm-up: first calls pay one-off set-up costs
+    generate(model, tokenizer, texts[:2], 2, 2, stop=stop)
+    plain(model, tokenizer, texts[:2], 2, 2, stop)
+    if harness is not None:
+        harness(texts[:2], 2, stop)
+    counter = ForwardCounter(model)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    results, forwards = {}, {}
+    names = list(runs)
     for r in range(args.repeats):
-        for name in ("cairn", "plain") if r % 2 == 0 else ("plain", "cairn"):
+        for name in names[r % len(names):] + names[:r % len(names)]:  # rotate the order each repeat
+            counter.take()
             t0 = time.perf_counter()
-            if name == "cairn":
-                results[name] = generate(model, tokenizer, texts, args.max_new_tokens, args.batch_size, stop=stop)
-            else:
-                results[name] = plain(model, tokenizer, texts, args.max_new_tokens, args.batch_size, stop)
+            results[name] = runs[name]()
             times[name].append(time.perf_counter() - t0)
-            print(f"repeat {r} {name:>5}: {times[name][-1]:.1f}s", flush=True)
-    differ = sum(a != b for a, b in zip(results["cairn"], results["plain"]))
-    c, p = statistics.median(times["cairn"]), statistics.median(times["plain"])
-    print(f"\n{args.n} prompts, {args.max_new_tokens} new tokens max: cairn {c:.1f}s, plain generate {p:.1f}s; "
-          f"ratio plain/cairn = {p / c:.2f}x; outputs that differ: {differ}")
-    short = sum(len(tokenizer(o, add_special_tokens=False)["input_ids"]) < args.max_new_tokens - 2
-                for o in results["cairn"])
-    print(f"outputs that stopped early (stop string/EOS): {short}/{args.n} -- cairn's gain comes from these rows "
-          f"leaving the batch; with none, both do the same work")
-    floor(model, tokenizer, texts, args.batch_size)
+            forwards[name] = counter.take()
+            print(f"repeat {r} {name:>14}: {times[name][-1]:.1f}s", flush=True)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    lengths = [len(tokenizer(o, add_special_tokens=False)["input_ids"]) for o in results["plain"]]
+    print(f"\n{args.n} {args.prompts} prompts, batch {bs}, {k} new tokens max, answers of "
+          f"{min(lengths)}-{max(lengths)} tokens (mean {statistics.mean(lengths):.1f}); "
+          f"{sum(n < k - 2 for n in lengths)}/{args.n} stopped early (stop string/EOS)")
+    bases = [b for b in ("plain", "lm-eval", "current") if b in runs]
+    print(f"{'':>14}  {'seconds':>8}  " + "  ".join(f"{b + '/x':>10}" for b in bases)
+          + f"  {'prefills':>8}  {'decode steps':>12}  differ")
+    for name in runs:
+        differ = sum(a != b for a, b in zip(results[name], results["plain"]))
+        print(f"{name:>14}  {med[name]:8.1f}  " + "  ".join(f"{med[b] / med[name]:9.2f}x" for b in bases)
+              + f"  {forwards[name][0]:8d}  {forwards[name][1]:12d}  {differ}")
+    print("differ: outputs unlike plain generate's (float rounding of differently shaped batches can only "
+          "matter on a near-tie of two tokens)")
+    if not args.no_floor:
+        floor(model, tokenizer, texts, bs)
 
 
 def floor(model, tokenizer, texts, batch_size) -> None:

@@ -134,15 +134,18 @@ def evaluate(out: Path) -> None:
     import json
 
     from cairn import dist
-    from cairn.eval.generation import generate
+    from cairn.eval.generation import generate, stream_size
     from cairn.eval.multiple_choice import score_pairs
     from conftest import CharTokenizer, make_tiny_llama
 
     if dist.world_size() > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("gloo")
     tok, model = CharTokenizer(), make_tiny_llama()
-    prompts = [f"Question {i}: " + "x" * (i % 5) for i in range(11)]
-    texts = generate(model, tok, prompts, max_new_tokens=6, batch_size=3, stop=["\n"])
+    # three streams (two for the first process, one for the second), a shared few-shot prefix and
+    # stop strings that end rows at different steps, so slots are refilled within each stream
+    prompts = [f"Shared examples come first. Question {i}: " + "x" * (i % 5) for i in range(37)]
+    assert 2 * stream_size(2) < len(prompts) <= 3 * stream_size(2)
+    texts = generate(model, tok, prompts, max_new_tokens=8, batch_size=2, stop=["\n", "g", "z"])
     questions = [[(f"Q{q}: pick", f" {c}" * (1 + q % 2)) for c in "abc"] for q in range(9)]
     scores = score_pairs(model, tok, questions, batch_size=2)
     result = json.dumps({"texts": texts, "scores": scores})

@@ -166,6 +166,8 @@ OTHER_CASES = [
     # task ranges and required fields
     ("task-max_train-0", "tasks.0.max_train", 0, ["max_train"]), ("task-max_test-0", "tasks.0.max_test", 0, ["max_test"]),
     ("task-max_new_tokens-0", "tasks.0.max_new_tokens", 0, ["max_new_tokens"]),
+    ("task-max_prompt_tokens-0", "tasks.0.max_prompt_tokens", 0, ["max_prompt_tokens", "integer >= 1"]),
+    ("task-max_prompt_tokens-neg", "tasks.0.max_prompt_tokens", -512, ["max_prompt_tokens"]),
     ("task-entities-0", "tasks.0.entities", 0, ["entities"]),
     ("task-jsonl-no-metric", "tasks.0", {"name": "x", "format": "jsonl", "path": "x"}, ["has no metric"]),
     ("task-jsonl-no-path", "tasks.0", {"name": "x", "format": "jsonl", "metric": "exact_match"}, ["has no path"]),

@@ -98,8 +98,8 @@ def test_two_process_round_resumed_mid_way_keeps_its_counters(tmp_path):
 
 @pytest.mark.skipif(not gloo_available(), reason="torch.distributed with gloo is not available in this torch build")
 def test_sharded_evaluation_equals_one_process(tmp_path):
-    """Generation and multiple-choice scores are identical (bit for bit: each batch is computed as
-    in one process) and every process returns the full result."""
+    """Generation and multiple-choice scores are identical (bit for bit: each generation stream and each
+    scoring batch is computed as in one process) and every process returns the full result."""
     _run(["eval", str(tmp_path / "one.json")], nproc=1)
     _run(["eval", str(tmp_path / "two.json")], nproc=2)
     one, two = (tmp_path / "one.json").read_text(), (tmp_path / "two.json").read_text()

@@ -104,3 +104,120 @@ def test_peft_wrapped_model(model, tokenizer):
             assert generate(peft, tokenizer, PROMPTS[:4], max_new_tokens=8, batch_size=4) != got
     finally:
         peft.unload()
+
+
+def _stops(model, tokenizer):
+    """Stop strings taken from some rows' free-running text, so those rows end early (answers of mixed length)."""
+    free = generate(model, tokenizer, PROMPTS, max_new_tokens=12, batch_size=8)
+    stop = sorted({f[2:4] for f in free[::3] if len(f) > 4})
+    assert stop, "the tiny model must produce text to take stop strings from"
+    return stop
+
+
+class _Forwards:
+    """Counts decode steps (one-token forwards) and prefills of a model."""
+
+    def __init__(self, model):
+        self.decode = self.prefill = 0
+        self.handle = model.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs):
+        if kwargs["input_ids"].shape[1] == 1:
+            self.decode += 1
+        else:
+            self.prefill += 1
+
+
+def test_continuous_batching_refills_slots_with_identical_outputs(model, tokenizer, monkeypatch):
+    from cairn.eval import continuous
+
+    stop = _stops(model, tokenizer)
+    joins = []
+    real_join = continuous._Batch.join
+    monkeypatch.setattr(continuous._Batch, "join", lambda self, other: joins.append(len(other.rows)) or
+                        real_join(self, other))
+    counted = _Forwards(model)
+    try:
+        got = generate(model, tokenizer, PROMPTS, max_new_tokens=12, batch_size=3, stop=stop)
+        steps, prefills = counted.decode, counted.prefill
+        counted.decode = counted.prefill = 0
+        one_batch_at_a_time = generate(model, tokenizer, PROMPTS, max_new_tokens=12, batch_size=3, stop=stop,
+                                       continuous=False)
+    finally:
+        counted.handle.remove()
+    assert joins, "finished rows' slots must be refilled from the pending prompts"
+    assert got == [plain_generate(model, tokenizer, [p], 12, 1, stop)[0] for p in PROMPTS]
+    assert one_batch_at_a_time == got
+    # the point of it: fewer decode steps than running fixed batches until their longest row ends
+    # (more prefills: each refill is one)
+    assert steps < counted.decode and prefills > counted.prefill
+
+
+def test_a_longer_prompt_joins_a_narrower_running_batch(model, tokenizer):
+    # generate admits prompts longest first, so a joining prompt is never wider than the running
+    # batch; admitted shortest first, the running batch is the one left-padded to make room
+    from cairn.eval.continuous import can_join, greedy_stream
+    from cairn.eval.generation import _forward_kwargs
+
+    assert can_join(model)
+    encoded = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    stream = sorted(range(len(PROMPTS)), key=lambda i: len(encoded[i]))
+    stop = _stops(model, tokenizer)
+    finished = lambda row: row[-1] == tokenizer.eos_token_id or len(row) >= 12 or any(  # noqa: E731
+        s in tokenizer.decode(row, skip_special_tokens=True) for s in stop)
+    news = greedy_stream(model, encoded.__getitem__, stream, 2, finished, tokenizer.pad_token_id,
+                         _forward_kwargs(model), joinable=True)
+    got = [cut_at_stop(tokenizer.decode(news[i], skip_special_tokens=True), stop) for i in range(len(PROMPTS))]
+    assert got == [plain_generate(model, tokenizer, [p], 12, 1, stop)[0] for p in PROMPTS]
+
+
+
+def test_shared_prefix_computed_once(model, tokenizer, monkeypatch):
+    # few-shot prompts start with the same examples: their KV is computed once and every prefill
+    # computes only the prompt's own tokens after it (a masked hole between the two in each row)
+    from cairn.eval import continuous
+
+    header = "Question: A B C D\nAnswer: the quick brown fox jumps over the lazy dog.\n\n" * 2
+    prompts = [header + p for p in PROMPTS]
+    shared = []
+    real_init = continuous.SharedPrefix.__init__
+    monkeypatch.setattr(continuous.SharedPrefix, "__init__", lambda self, model, tokens, fwd: shared.append(
+        len(tokens)) or real_init(self, model, tokens, fwd))
+    stop = _stops(model, tokenizer)
+    got = generate(model, tokenizer, prompts, max_new_tokens=12, batch_size=3, stop=stop)
+    assert shared and shared[0] >= 16
+    assert got == [plain_generate(model, tokenizer, [p], 12, 1, stop)[0] for p in prompts]
+    assert generate(model, tokenizer, prompts, max_new_tokens=12, batch_size=3, stop=stop, continuous=False) == got
+
+
+def test_max_prompt_tokens_keeps_the_last_tokens(tiny_llama, char_tokenizer):
+    # TRACE's max_prompt_len: a longer prompt keeps its last N tokens (the question at its end),
+    # a shorter one is unchanged (the character tokenizer makes token = character + a leading BOS)
+    model, tok = tiny_llama, char_tokenizer
+    prompts = ["a long meeting transcript, then the question: Summary:", "short: "]
+    n = 20
+    got = generate(model, tok, prompts, max_new_tokens=6, batch_size=2, max_prompt_tokens=n)
+    for prompt, text in zip(prompts, got):
+        ids = tok(prompt)["input_ids"][-n:]
+        assert len(ids) == min(n, len(prompt) + 1)
+        with torch.no_grad():
+            out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+        assert text == tok.decode(out[0, len(ids):], skip_special_tokens=True)
+    whole = generate(model, tok, prompts, max_new_tokens=6, batch_size=2)
+    assert whole[1] == got[1] and whole[0] != got[0]  # only the long prompt was cut, and that mattered
+    with pytest.raises(ValueError, match="max_prompt_tokens"):
+        generate(model, tok, prompts, max_new_tokens=6, batch_size=2, max_prompt_tokens=0)
+
+
+def test_roomy_cache_grows_past_its_room(model, tokenizer, monkeypatch):
+    # decode steps write into spare columns of the cache's buffers; with 3 spare columns the buffers
+    # fill up every few steps (and at every prefill), so moving to a new buffer is exercised often
+    from cairn.eval import continuous
+
+    monkeypatch.setattr(continuous, "ROOM", 3)
+    header = "Question: A B C D\nAnswer: the quick brown fox jumps over the lazy dog.\n\n" * 2
+    stop = _stops(model, tokenizer)
+    for prompts in (PROMPTS + [header + p for p in PROMPTS[:3]], [header + p for p in PROMPTS]):  # 2nd: shared prefix
+        got = generate(model, tokenizer, prompts, max_new_tokens=20, batch_size=3, stop=stop)
+        assert got == [plain_generate(model, tokenizer, [p], 20, 1, stop)[0] for p in prompts]

@@ -109,3 +109,24 @@ def test_trace_configs_load_every_task_from_the_pack(data_dir):
         for task_cfg in cfg.tasks:
             task = load_task(task_cfg, cfg.data_dir)
             assert task.train and task.test, task_cfg.name
+
+
+def test_max_prompt_tokens_reaches_generation(tmp_path, monkeypatch):
+    # the task setting (TRACE's max_prompt_len) is what evaluation hands to generate()
+    from cairn.eval import task_eval
+
+    for split in ("train", "test"):
+        (tmp_path / f"{split}.json").write_text(json.dumps([{"prompt": "a long transcript. Summary:", "answer": "A"}]))
+    seen = {}
+
+    def fake_generate(model, tokenizer, prompts, **kw):
+        seen.update(kw)
+        return ["A"] * len(prompts)
+
+    monkeypatch.setattr(task_eval, "generate", fake_generate)
+    for limit in (None, 1024):
+        task = load_task(TaskConfig(name="t", format="trace", path=str(tmp_path), metric="exact_match",
+                                    max_new_tokens=4, max_prompt_tokens=limit))
+        assert task.max_prompt_tokens == limit
+        task_eval.evaluate_task_metrics(None, None, task, progress=False)
+        assert seen["max_prompt_tokens"] == limit

@@ -84,6 +84,11 @@ class TaskConfig:
     max_train: int | None = _help("Keep at most this many training examples (seeded subsample).", None)
     max_test: int | None = _help("Evaluate on at most this many test examples (seeded subsample).", None)
     max_new_tokens: int | None = _help("Generation budget at evaluation; default from the longest answer.", None)
+    max_prompt_tokens: int | None = _help(
+        "Evaluation prompts longer than this many tokens keep only their last this-many tokens (left truncation: "
+        "the question at the end survives). TRACE's evaluation does this with max_prompt_len (tokenizer "
+        "truncation_side left; 512 by default in its inference/infer_single.py, 1024 in its scripts); MeetingBank "
+        "and 20Minuten prompts run to thousands of tokens. null: prompts are not cut.", None)
     stop: list[str] = _help("Strings that end a generated answer at evaluation (besides EOS).", factory=list)
     seed: int = _help("Seed of a generated (demo) task.", 0)
     entities: int = _help("Number of invented entities of a generated (demo) task.", 8)
@@ -252,7 +257,9 @@ class OldKnowledgeConfig:
 
 @dataclass
 class EvaluationConfig:
-    batch_size: int = _help("Prompts per generation batch.", 16)
+    batch_size: int = _help("Rows decoded at once in generation (continuous batching: a finished row's slot takes "
+                            "the next prompt). A decode step costs little more at 16 than at 8 (weight reads "
+                            "dominate), so a larger batch is nearly free until memory runs short.", 16)
     old_knowledge: OldKnowledgeConfig | None = _help("The old-knowledge suite (multiple-choice, "
                                                      "lm-evaluation-harness definitions); null: off.", None)
 
@@ -649,7 +656,7 @@ def _check_ranges(cfg: ExperimentConfig, source: str) -> None:
         w = f"tasks[{i}] ({task.name})"
         _need(bool(task.name.strip()) and "/" not in task.name, source, f"{w}.name", task.name,
               "a non-empty name without '/'")
-        for key in ("max_train", "max_test", "max_new_tokens"):
+        for key in ("max_train", "max_test", "max_new_tokens", "max_prompt_tokens"):
             _positive_int(source, f"{w}.{key}", getattr(task, key), optional=True)
         _positive_int(source, f"{w}.entities", task.entities)
     for m in cfg.methods:

@@ -40,6 +40,7 @@ class Task:
     splits: dict[str, list[Example]] = field(repr=False)
     world_knowledge: bool = False
     max_new_tokens: int | None = None
+    max_prompt_tokens: int | None = None  # evaluation prompts keep their last this-many tokens (TRACE's max_prompt_len)
     train_split: str = "train"
     test_split: str = "test"
     stop: list[str] = field(default_factory=list)
@@ -137,7 +138,8 @@ def load_task(cfg: TaskConfig, data_dir: str | Path | None = None, seed: int = 0
             for ex in rows:
                 ex.setdefault("type", "world")
     task = Task(name=cfg.name, metric=metrics[0], splits=splits, world_knowledge=cfg.world_knowledge,
-                max_new_tokens=cfg.max_new_tokens, train_split=cfg.train_split, test_split=cfg.test_split, stop=stop,
+                max_new_tokens=cfg.max_new_tokens,
+                max_prompt_tokens=cfg.max_prompt_tokens, train_split=cfg.train_split, test_split=cfg.test_split, stop=stop,
                 metrics=metrics, prompt_format="chat" if chat else "plain", origins=origins, sources=described)
     task.warnings = check_metrics(task)
     return task

@@ -24,7 +24,8 @@ def evaluate_task_metrics(model, tokenizer, task: Task, batch_size: int = 16,
     sources = [ex["prompt"] for ex in examples]  # the task's own prompt text (SARI's source sentence)
     refs = [ex["answer"] for ex in examples]
     preds = generate(model, tokenizer, inputs, max_new_tokens=task.generation_budget(tokenizer),
-                     batch_size=batch_size, stop=task.stop, progress=progress, desc=f"eval {task.name}")
+                     batch_size=batch_size, stop=task.stop, progress=progress, desc=f"eval {task.name}",
+                     max_prompt_tokens=task.max_prompt_tokens)
     scores = {name: float(get_metric(name)(preds, refs, sources)) for name in task.metrics}
     records = []
     for ex, model_input, ref, pred in zip(examples, inputs, refs, preds):
