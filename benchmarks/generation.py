@@ -186,10 +186,12 @@ def main() -> None:
 
 
 def floor(model, tokenizer, texts, batch_size) -> None:
-    """Short answers: cairn's generation of 1-3 tokens against one batched forward of the prompts."""
+    """Short answers: cairn's generation of 1-3 tokens against one batched forward of the prompts
+    (batched longest first, as cairn batches them, so both pad alike)."""
     from cairn.eval.generation import generate
 
     tokenizer.padding_side = "left"
+    texts = sorted(texts, key=lambda t: -len(tokenizer(t)["input_ids"]))
     t0 = time.perf_counter()
     for s in range(0, len(texts), batch_size):
         enc = tokenizer(texts[s:s + batch_size], return_tensors="pt", padding=True)

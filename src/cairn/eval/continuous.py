@@ -31,6 +31,7 @@ none join): :func:`can_join` decides.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 from collections import deque
@@ -68,22 +69,25 @@ ROOM = 64
 
 
 def roomy_layer():
-    """A ``DynamicLayer`` whose keys and values are views of buffers with ``ROOM`` spare columns.
+    """A new ``DynamicLayer`` whose keys and values are views of buffers with ``ROOM`` spare columns.
 
     ``DynamicLayer.update`` concatenates, i.e. allocates and copies the whole cache at every decode
     step (17% of a GSM8K run's time on a CPU, profiled); here a step writes its column into the
-    spare room, and only a full buffer, a row change (:meth:`select`) or a join (:meth:`adopt`)
-    copies. Cutting leading columns (:meth:`cut`) only moves the view's start. The values the
+    spare room, and only a full buffer, dropping rows (``batch_select_indices``) or a join (``adopt``)
+    copies. Cutting leading columns (``cut``) only moves the view's start. The values the
     attention reads are the same; only where they are stored differs.
     """
-    from transformers.cache_utils import DynamicLayer
+    return _roomy_class()()
 
-    room = ROOM
+
+@functools.cache
+def _roomy_class():
+    from transformers.cache_utils import DynamicLayer
 
     class RoomyLayer(DynamicLayer):
         def adopt(self, keys: torch.Tensor, values: torch.Tensor, need: int = 0) -> None:
             """Hold (a copy of) ``keys``/``values``, with room after them for at least ``need`` columns."""
-            shape = (*keys.shape[:2], keys.shape[2] + max(room, need), keys.shape[3])
+            shape = (*keys.shape[:2], keys.shape[2] + max(ROOM, need), keys.shape[3])
             self._k, self._v = keys.new_empty(shape), values.new_empty(shape)
             self._k[:, :, :keys.shape[2]], self._v[:, :, :keys.shape[2]] = keys, values
             self._start, self._end = 0, keys.shape[2]
@@ -111,7 +115,7 @@ def roomy_layer():
             self._start += lead
             self.keys, self.values = self._k[:, :, self._start:self._end], self._v[:, :, self._start:self._end]
 
-    return RoomyLayer()
+    return RoomyLayer
 
 
 class _Batch:

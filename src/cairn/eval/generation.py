@@ -18,8 +18,9 @@ layers run one batch at a time (rows leave, none join); encoder-decoder models f
 ``model.generate``.
 
 Streams and processes. The sorted prompts are cut into streams of ``stream_size`` prompts (a whole
-number of batches; a function of the number of prompts and the batch size only), and each stream
-is decoded on its own. Under ``torchrun``/``accelerate launch`` (a process group of several
+number of batches; a function of the batch size only), and each stream is decoded on its own.
+Sorting is the length-bucket policy: a stream is a band of similar prompt lengths, admitted longest
+first, so a joining prompt is never wider than the running batch and pads little against it. Under ``torchrun``/``accelerate launch`` (a process group of several
 processes) the streams are dealt out round-robin to the processes and the outputs gathered, so
 every process returns the full list; call it on EVERY process. A stream is computed exactly as in
 one process (same rows joining at the same steps, same shapes), so the outputs are identical to
@@ -45,7 +46,7 @@ from cairn.eval.continuous import SharedPrefix, can_join, greedy_stream
 
 # Prompts per stream, in batches. Continuous batching gains within a stream (at its end the last rows
 # drain a shrinking batch), processes share the work stream by stream: 8 batches keep the step count
-# within ~5-10% of one stream for all prompts (simulated answer-length mixes) and still give every
+# within ~10% of one stream for all prompts (simulated answer-length mixes) and still give every
 # process a stream once there are 8 x batch_size prompts per process.
 STREAM_BATCHES = 8
 # Shortest prefix shared by every prompt that is computed once (shorter: not worth a forward of its own).
