@@ -108,3 +108,17 @@ def make_tiny_model_dir(path: Path, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-model"))
+
+
+def write_arc_easy_subset(data_dir: Path, n: int = 6) -> Path:
+    """``data_dir/old_knowledge/arc_easy/test.jsonl`` of ``n`` tiny questions laid out like the data pack's
+    ARC-Easy (for old-knowledge tests on tiny models); returns ``data_dir``."""
+    import json
+
+    rows = [{"id": str(i), "question": f"Which word comes next {i}?",
+             "choices": {"text": ["fox", "dog", "quick brown"], "label": ["A", "B", "C"]}, "answerKey": "ABC"[i % 3]}
+            for i in range(n)]
+    arc = Path(data_dir) / "old_knowledge" / "arc_easy" / "test.jsonl"
+    arc.parent.mkdir(parents=True, exist_ok=True)
+    arc.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return Path(data_dir)

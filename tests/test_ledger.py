@@ -20,6 +20,7 @@ from cairn.cli import main
 from cairn.ledger import db
 from cairn.ledger.gate import Policy, decide
 from cairn.ledger.project import open_project
+from conftest import write_arc_easy_subset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -391,12 +392,7 @@ def test_store_round_trip_on_an_fsspec_url_and_tamper_detection(tmp_path):
 
 
 def test_gate_includes_the_old_knowledge_subset(tmp_path, tiny_model_dir):
-    rows = [{"id": str(i), "question": f"Which word comes next {i}?",
-             "choices": {"text": ["fox", "dog", "quick brown"], "label": ["A", "B", "C"]}, "answerKey": "ABC"[i % 3]}
-            for i in range(6)]
-    arc = tmp_path / "data" / "old_knowledge" / "arc_easy" / "test.jsonl"
-    arc.parent.mkdir(parents=True)
-    arc.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_arc_easy_subset(tmp_path / "data")
     policy = tmp_path / "policy.yaml"
     policy.write_text(f"max_drop: 20\nold_knowledge: {{tasks: [arc_easy], limit: 4, data_dir: {tmp_path / 'data'}}}\n")
     project = tmp_path / "proj"

@@ -17,6 +17,7 @@ from cairn.ledger import db
 from cairn.ledger.contribute import json_rows
 from cairn.ledger.project import open_project
 from test_ledger import _fake_run, cli, dump, make_adapter, make_full, probe_file
+from conftest import write_arc_easy_subset
 
 
 def data_dir(path: Path, tag: str, n: int = 4) -> Path:
@@ -277,12 +278,7 @@ def test_import_gate_on_old_knowledge_uses_items_or_flags_aggregates(tmp_path, t
 def test_a_run_saves_old_knowledge_items_and_its_import_is_gated_on_them(tmp_path, tiny_model_dir):
     import yaml
 
-    rows = [{"id": str(i), "question": f"Which word comes next {i}?",
-             "choices": {"text": ["fox", "dog", "quick brown"], "label": ["A", "B", "C"]}, "answerKey": "ABC"[i % 3]}
-            for i in range(6)]
-    arc = tmp_path / "data" / "old_knowledge" / "arc_easy" / "test.jsonl"
-    arc.parent.mkdir(parents=True)
-    arc.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_arc_easy_subset(tmp_path / "data")
     ok = {"tasks": ["arc_easy"], "limit": 4, "data_dir": str(tmp_path / "data")}
     cfg = {"name": "w", "model": str(tiny_model_dir),
            "tasks": [{"name": t, "format": "demo", "path": t, "entities": 2, "max_new_tokens": 4}

@@ -23,6 +23,21 @@ def _cfg(**kw) -> TrainingConfig:
     return TrainingConfig(**base)
 
 
+class _Interrupt(Exception):
+    pass
+
+
+def _train_until_interrupted(model, tokenizer, cfg, ckpt, step: int) -> None:
+    """Train with checkpoints into ``ckpt`` and stop as if killed when ``step`` begins."""
+    def stop(at):
+        if at == step:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        train(model, tokenizer, EXAMPLES, cfg, seed=1, checkpoint_dir=ckpt, progress=False, log=lambda s: None,
+              on_step=stop)
+
+
 def _loss(model, tok, examples) -> float:
     batch = collate([encode_example(tok, ex, 32) for ex in examples], tok.pad_token_id)
     with torch.no_grad():
@@ -119,17 +134,8 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path, char_tokenize
     reference = fresh()
     train(reference, char_tokenizer, EXAMPLES, cfg, seed=1, progress=False, log=lambda s: None)
 
-    class Interrupt(Exception):
-        pass
-
-    def stop_at_5(step):
-        if step == 5:
-            raise Interrupt
-
     ckpt = tmp_path / "ckpt"
-    with pytest.raises(Interrupt):
-        train(fresh(), char_tokenizer, EXAMPLES, cfg, seed=1, checkpoint_dir=ckpt, progress=False,
-              log=lambda s: None, on_step=stop_at_5)
+    _train_until_interrupted(fresh(), char_tokenizer, cfg, ckpt, step=5)
     assert (ckpt / "trainer_state.json").is_file()
     lines = []
     resumed = fresh()
@@ -250,17 +256,8 @@ def test_resumed_round_keeps_its_counters(tmp_path, char_tokenizer):
     reference = train(make_full_trainable(make_tiny_llama()), char_tokenizer, EXAMPLES, cfg, seed=1, progress=False,
                       log=lambda s: None)
 
-    class Interrupt(Exception):
-        pass
-
-    def stop_at_5(step):
-        if step == 5:
-            raise Interrupt
-
     ckpt = tmp_path / "ckpt"
-    with pytest.raises(Interrupt):
-        train(make_full_trainable(make_tiny_llama()), char_tokenizer, EXAMPLES, cfg, seed=1, checkpoint_dir=ckpt,
-              progress=False, log=lambda s: None, on_step=stop_at_5)
+    _train_until_interrupted(make_full_trainable(make_tiny_llama()), char_tokenizer, cfg, ckpt, step=5)
     resumed = train(make_full_trainable(make_tiny_llama()), char_tokenizer, EXAMPLES, cfg, seed=1,
                     checkpoint_dir=ckpt, progress=False, log=lambda s: None)
 

@@ -128,8 +128,8 @@ class Runner:
             return None
         from cairn.eval.suites import evaluate_suite, old_knowledge_dir
 
-        scores = evaluate_suite(model, self.tokenizer, ok.tasks, data_dir=old_knowledge_dir(ok.data_dir, self.cfg.data_dir),
-                                limit=ok.limit, seed=ok.seed,
+        data_dir = old_knowledge_dir(ok.data_dir, self.cfg.data_dir)
+        scores = evaluate_suite(model, self.tokenizer, ok.tasks, data_dir=data_dir, limit=ok.limit, seed=ok.seed,
                                 batch_size=ok.batch_size, num_fewshot=ok.num_fewshot, progress=self.progress,
                                 precision=ok.precision, return_items=True)
         # "items" (per question) goes to the round's old_knowledge_items.json (rundir.write_round)

@@ -15,7 +15,6 @@ downloads anything.
 from __future__ import annotations
 
 import argparse
-import os
 from importlib import resources
 from pathlib import Path
 
@@ -44,11 +43,12 @@ def register(sub) -> None:
 
 
 def old_knowledge_source(data_dir: Path | None) -> Path | None:
-    """The data pack for the old-knowledge column: the flag, else $CAIRN_DATA, else none."""
-    if data_dir is not None:
-        return data_dir
-    env = os.environ.get("CAIRN_DATA")
-    return Path(env) if env else None
+    """The data pack for the old-knowledge column: the flag, else $CAIRN_DATA, else none (the suite's own
+    precedence, :func:`cairn.eval.suites.old_knowledge_dir`; the demo's tasks are built in, so no
+    experiment data_dir takes part)."""
+    from cairn.eval.suites import old_knowledge_dir
+
+    return old_knowledge_dir(str(data_dir) if data_dir is not None else None, None)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from cairn.report.runs import Run
+from cairn.rundir import OLD_KNOWLEDGE_ITEMS
 
 
 def task_metric(results: dict, i: int) -> str | None:
@@ -115,7 +116,7 @@ def old_items(run: Run, k: int) -> dict[str, list[float]] | None:
     """Per-item old-knowledge scores at row ``k`` (mean over seeds), when the runner saved them."""
     per_seed = []
     for r in run.replicas:
-        got = _read(str(round_dir(r, k) / "old_knowledge_items.json"))
+        got = _read(str(round_dir(r, k) / OLD_KNOWLEDGE_ITEMS))
         if not got:
             return None
         per_seed.append(got)
