@@ -580,8 +580,9 @@ def execute(cfg: ExperimentConfig, out_dir: Path | None = None, progress: bool =
             flat[name] = "ok" if not bad else ("failed: " if len(bad) == len(st) else "partly failed: ") + "; ".join(bad)
         else:
             flat[name] = st
-    print_summary(out, flat)
-    print(f"\nexperiment directory: {out}  ({elapsed / 60:.1f} min)")
+    if _is_main():  # one summary per run, not one per process under torchrun
+        print_summary(out, flat)
+        print(f"\nexperiment directory: {out}  ({elapsed / 60:.1f} min)")
     failed = {name: st for name, st in outcome["status"].items() if not rundir.status_ok(st)}
     if not failed:
         return 0
@@ -589,6 +590,8 @@ def execute(cfg: ExperimentConfig, out_dir: Path | None = None, progress: bool =
         return 1
     import sys
 
+    if not _is_main():
+        return 2
     for name, st in failed.items():
         for line in ([f"seed {s}: {v}" for s, v in st.items() if v != "ok"] if isinstance(st, dict) else [st]):
             print(f"error: {name}: {line}", file=sys.stderr)
