@@ -193,3 +193,26 @@ def test_lora_nuclear_norm_through_the_core_equals_full_svd():
     B, A = torch.randn(40, 3, generator=g), torch.randn(3, 24, generator=g)
     full = float(torch.linalg.svdvals(2.0 * B @ A).sum())
     assert abs(lora_nuclear_norm(B, A, 2.0) - full) < 1e-4 * full
+
+
+def test_cached_grams_and_float32_agree_with_the_pairwise_float64_definition():
+    # Tall, wide and square modules, four rounds: the per-update Gram cache must give exactly the
+    # values of subspace_overlap pair by pair, and float32 products the same to 1e-5 relative.
+    g = torch.Generator().manual_seed(0)
+    shapes = {"tall": (48, 16), "wide": (16, 40), "square": (24, 24)}
+    updates = [{m: torch.randn(*s, generator=g) * (k + 1) for m, s in shapes.items()} for k in range(4)]
+    exact = round_diagnostics(updates, per_module=True)
+    for pair in exact["pairs"]:
+        i, j = int(pair["i"]), int(pair["j"])
+        for side in ("input", "output"):
+            want = sum(subspace_overlap(updates[i][m], updates[j][m], side) for m in shapes) / len(shapes)
+            assert pair[f"{side}_overlap"] == pytest.approx(want, rel=1e-12)
+    fast = round_diagnostics(updates, per_module=True, precision="float32")
+    for a, b in zip(exact["pairs"], fast["pairs"]):
+        for key in ("cosine", "input_overlap", "output_overlap", "collision_rate"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5)
+    for a, b in zip(exact["updates"], fast["updates"]):
+        assert b["frobenius_norm"] == pytest.approx(a["frobenius_norm"], rel=1e-6)
+        assert b["l1"] == pytest.approx(a["l1"], rel=1e-6)
+    with pytest.raises(CairnError, match="precision"):
+        round_diagnostics(updates, precision="float16")

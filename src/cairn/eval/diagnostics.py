@@ -96,20 +96,53 @@ def subspace_overlap(x: torch.Tensor, y: torch.Tensor, side: Literal["input", "o
     """Normalised overlap of the input (row) or output (column) subspaces of two updates, in [0, 1]."""
     if x.dim() != 2 or y.dim() != 2:
         raise CairnError(f"subspace_overlap needs 2-D matrices, got {tuple(x.shape)} and {tuple(y.shape)}")
-    x, y = x.double(), y.double()
-    if side == "output":
-        x, y = x.T, y.T
-    elif side != "input":
-        raise CairnError(f"subspace_overlap side must be 'input' or 'output', got {side!r}")
+    x, y = _oriented(x.double(), side), _oriented(y.double(), side)
     if x.shape[1] != y.shape[1]:
         raise CairnError(f"subspace_overlap: the {side} dimensions differ ({tuple(x.shape)} vs {tuple(y.shape)})")
+    return _overlap(x, y, float(_gram_norm(x)), float(_gram_norm(y)))
+
+
+def _oriented(x: torch.Tensor, side: str) -> torch.Tensor:
+    if side == "output":
+        return x.T
+    if side != "input":
+        raise CairnError(f"subspace_overlap side must be 'input' or 'output', got {side!r}")
+    return x
+
+
+def _overlap(x: torch.Tensor, y: torch.Tensor, gram_x: "float | tuple", gram_y: "float | tuple") -> float:
+    """‖X Yᵀ‖_F / sqrt(‖X Xᵀ‖_F ‖Y Yᵀ‖_F), with each Gram norm given (or, from :class:`_Grams`, the
+    pair (norm, XᵀX) when XᵀX is the smaller Gram matrix)."""
+    nx, gx = gram_x if isinstance(gram_x, tuple) else (gram_x, None)
+    ny, gy = gram_y if isinstance(gram_y, tuple) else (gram_y, None)
     # ‖X Yᵀ‖_F² = ⟨XᵀX, YᵀY⟩_F: use whichever form has the smaller square matrices.
     if x.shape[0] <= x.shape[1]:
-        cross_sq = float(torch.linalg.matrix_norm(x @ y.T) ** 2)
+        cross_sq = float(torch.linalg.matrix_norm(x @ y.T).double() ** 2)
     else:
-        cross_sq = max(0.0, float(((x.T @ x) * (y.T @ y)).sum()))
-    denom = float(_gram_norm(x)) * float(_gram_norm(y))
+        gx = x.T @ x if gx is None else gx
+        gy = y.T @ y if gy is None else gy
+        cross_sq = max(0.0, float((gx * gy).sum(dtype=torch.float64)))
+    denom = nx * ny
     return min(1.0, math.sqrt(cross_sq / denom)) if denom > 0 else 0.0
+
+
+class _Grams:
+    """Per update and side: ‖X Xᵀ‖_F, plus XᵀX itself where that is the smaller Gram matrix (then the
+    pair's cross term ⟨XᵀX, YᵀY⟩_F needs no further product) — computed on first use, once per update."""
+
+    def __init__(self, mats: Mapping[int, torch.Tensor]):
+        self.mats, self.cache = mats, {}
+
+    def get(self, k: int, side: str) -> "float | tuple":
+        key = (k, side)
+        if key not in self.cache:
+            x = _oriented(self.mats[k], side)
+            if x.shape[0] <= x.shape[1]:
+                self.cache[key] = float(torch.linalg.matrix_norm(x @ x.T).double())
+            else:
+                g = x.T @ x
+                self.cache[key] = (float(torch.linalg.matrix_norm(g).double()), g)
+        return self.cache[key]
 
 
 def _gram_norm(x: torch.Tensor) -> torch.Tensor:
@@ -140,14 +173,19 @@ def round_diagnostics(updates: Sequence[Mapping[str, torch.Tensor]], threshold: 
                       mode: ThresholdMode = "relative",
                       a_factors: Sequence[Mapping[str, torch.Tensor]] | None = None,
                       labels: Sequence[str] | None = None, per_module: bool = False,
-                      nuclear: bool = True) -> dict:
+                      nuclear: bool = True, precision: Literal["float64", "float32"] = "float64") -> dict:
     """Per-update and per-pair diagnostics of the rounds' updates, as a JSON-serialisable dict.
 
     ``updates[k]`` maps module name -> ΔW of round k; ``a_factors[k]`` (optional, LoRA only) maps
     module name -> that round's A. ``labels`` name the rounds (default "0", "1", ...). With
     ``per_module`` the result also holds every module's values (large for big models).
+    ``precision="float32"`` does the matrix products in float32 (sums still in float64): the overlaps
+    then agree with float64 to ~1e-5 relative (tested) at a fraction of the time — for full fine-tunes.
     """
     significant_mask(torch.zeros(1), threshold, mode)  # validate threshold and mode up front
+    if precision not in ("float64", "float32"):
+        raise CairnError(f"diagnostics precision must be 'float64' or 'float32', got {precision!r}")
+    dtype = torch.float64 if precision == "float64" else torch.float32
     n = len(updates)
     labels = [str(k) for k in range(n)] if labels is None else [str(x) for x in labels]
     if len(labels) != n:
@@ -167,12 +205,13 @@ def round_diagnostics(updates: Sequence[Mapping[str, torch.Tensor]], threshold: 
         order.update(dict.fromkeys(u.keys()))
     for module in order:
         present = [k for k in range(n) if module in updates[k]]
-        mats = {k: updates[k][module].detach().to("cpu", torch.float64) for k in present}
+        mats = {k: updates[k][module].detach().to("cpu", dtype) for k in present}
         for k, x in mats.items():
             if x.dim() != 2:
                 raise CairnError(f"update of round {labels[k]} module {module!r} is not 2-D: {tuple(x.shape)}")
         masks = {k: significant_mask(x, threshold, mode) for k, x in mats.items()}
         detail: dict = {"updates": {}, "pairs": {}} if per_module else {}
+        grams = _Grams(mats)  # each update's Gram matrix and norm, made once rather than once per pair
         for k, x in mats.items():
             s = upd[k]
             nnz = int(masks[k].sum())
@@ -180,8 +219,8 @@ def round_diagnostics(updates: Sequence[Mapping[str, torch.Tensor]], threshold: 
             s["entries"] += x.numel()
             s["insignificant"] += x.numel() - nnz
             s["nuclear"] += nuc if nuclear else 0.0
-            s["frob_sq"] += float((x * x).sum())
-            s["l1"] += float(x.abs().sum())
+            s["frob_sq"] += float((x * x).sum(dtype=torch.float64))
+            s["l1"] += float(x.abs().sum(dtype=torch.float64))
             s["modules"] += 1
             if per_module:
                 detail["updates"][labels[k]] = {"sparsity": 1 - nnz / x.numel(),
@@ -195,7 +234,8 @@ def round_diagnostics(updates: Sequence[Mapping[str, torch.Tensor]], threshold: 
                 inter = int((masks[i] & masks[j]).sum())
                 union = int((masks[i] | masks[j]).sum())
                 cos = update_cosine(x, y)
-                ino, outo = subspace_overlap(x, y, "input"), subspace_overlap(x, y, "output")
+                ino = _overlap(x, y, grams.get(i, "input"), grams.get(j, "input"))
+                outo = _overlap(x.T, y.T, grams.get(i, "output"), grams.get(j, "output"))
                 p["inter"] += inter
                 p["union"] += union
                 p["entries"] += x.numel()
