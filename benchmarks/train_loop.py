@@ -11,6 +11,11 @@ prints MFU against the GPU's measured bf16 matmul rate the same way.
 
     python benchmarks/train_loop.py [--modes lora-fp32,lora-bf16,full-fp32,full-bf16] [--steps 4]
     python benchmarks/train_loop.py --processes 2   # 1 vs 2 processes (torchrun, gloo), same global batch
+    python benchmarks/train_loop.py --data PACK --task ScienceQA   # a data pack's TRACE task instead
+
+The built-in data's examples are 60-127 tokens long, so a padded batch of 4 is ~15% pads; a TRACE
+task's lengths spread far wider (ScienceQA: ~100-1,000 tokens), which is where cairn's padding-free
+batches (training.packing) pay most.
 
 Timings on a shared machine are noisy: read the ratios, and rerun with more --repeats to be sure.
 """
@@ -32,6 +37,16 @@ from pathlib import Path
 import torch
 
 MODES = ("lora-fp32", "lora-bf16", "full-fp32", "full-bf16")
+
+
+def trace_examples(data: str, task: str, n: int = 48, seed: int = 0) -> list[dict]:
+    """The first ``n`` training examples (seeded subsample) of a data pack's TRACE task."""
+    from cairn.config import TaskConfig
+    from cairn.data.tasks import load_task
+
+    loaded = load_task(TaskConfig(name=task, format="trace", path=f"trace/{task}", max_train=n, max_test=1),
+                       data_dir=data, seed=seed)
+    return [{"prompt": e["prompt"], "answer": e["answer"]} for e in loaded.train]
 
 
 def sft_examples(n: int = 48, seed: int = 0) -> list[dict]:
@@ -73,8 +88,8 @@ class PeakRSS:
 
 
 def fresh_model(name: str, mode: str):
-    from cairn.config import LoraConfig
-    from cairn.methods.trainable import add_lora_adapter, make_full_trainable
+    from cairn.methods.full import make_full_trainable
+    from cairn.methods.lora import LoraConfig, add_lora_adapter
     from cairn.models import load_model
 
     model = load_model(name)
@@ -89,12 +104,12 @@ def encode_all(tokenizer, examples, max_length):
     return [encode_example(tokenizer, ex, max_length) for ex in examples]
 
 
-def run_cairn(model, tokenizer, examples, args, bf16: bool) -> tuple[int, float]:
+def run_cairn(model, tokenizer, examples, args, bf16: bool, packing: bool = True) -> tuple[int, float]:
     from cairn.config import TrainingConfig
     from cairn.train.loop import train
 
     cfg = TrainingConfig(max_steps=args.steps, batch_size=args.batch_size, lr=1e-4, warmup_ratio=0.0,
-                         log_every=10**9, max_length=args.max_length, bf16=bf16, max_grad_norm=1.0)
+                         log_every=10**9, max_length=args.max_length, bf16=bf16, max_grad_norm=1.0, packing=packing)
     t0 = time.perf_counter()
     res = train(model, tokenizer, examples, cfg, progress=False, log=lambda s: None)
     return res.tokens, time.perf_counter() - t0
@@ -168,6 +183,15 @@ def run_trainer(model, tokenizer, examples, args, bf16: bool) -> tuple[int, floa
     return counted[0], time.perf_counter() - t0
 
 
+def _pad_share(lens: list[int], args) -> float:
+    """Share of pad positions in the padded micro-batches the benchmark feeds (cairn's seeded order)."""
+    total = padded = 0
+    for idx in _order(len(lens), args):
+        total += sum(lens[i] for i in idx)
+        padded += len(idx) * max(lens[i] for i in idx)
+    return 1 - total / padded
+
+
 def matmul_roofline(dtype=torch.bfloat16, seconds: float = 1.5) -> float:
     """Matmul FLOP/s of this machine now in ``dtype``, on shapes like the model's linears."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -198,15 +222,21 @@ def speed(args) -> None:
     from cairn.models import load_tokenizer
 
     tokenizer = load_tokenizer(args.model)
-    examples = sft_examples()
+    examples = trace_examples(args.data, args.task) if args.data else sft_examples()
     lens = [len(e.input_ids) for e in encode_all(tokenizer, examples, args.max_length)]
-    print(f"data: {len(examples)} SFT examples, {min(lens)}-{max(lens)} tokens (mean {statistics.mean(lens):.0f}); "
+    pads = _pad_share(lens, args)
+    print(f"data: {len(examples)} SFT examples, {min(lens)}-{max(lens)} tokens (mean {statistics.mean(lens):.0f}), "
+          f"padded batches {100 * pads:.0f}% pads; "
           f"batch {args.batch_size}, {args.steps} steps, threads {torch.get_num_threads()}", flush=True)
     roofs = {"bf16": matmul_roofline(torch.bfloat16), "fp32": matmul_roofline(torch.float32)}
     print(f"matmul rate measured now: bf16 {roofs['bf16'] / 1e9:.1f} GFLOP/s, fp32 {roofs['fp32'] / 1e9:.1f} GFLOP/s "
           f"(CPU capability {torch.backends.cpu.get_cpu_capability()}; without AVX512-BF16/AMX, bf16 matmuls are "
           f"emulated and far slower than fp32)", flush=True)
-    runners = {"cairn": run_cairn, "trainer": run_trainer, "plain": run_plain}
+    def run_cairn_padded(*a):
+        return run_cairn(*a, packing=False)
+
+    # cairn-padded: cairn's loop with training.packing off, to show what padding-free batches give
+    runners = {"cairn": run_cairn, "cairn-padded": run_cairn_padded, "trainer": run_trainer, "plain": run_plain}
     summary = []
     for mode in args.modes.split(","):
         bf16 = mode.endswith("bf16")
@@ -230,7 +260,9 @@ def speed(args) -> None:
         share = med["cairn"] * flops_per_token / roofs["bf16"]
         share_own = med["cairn"] * flops_per_token / roofs["bf16" if bf16 else "fp32"]
         line = (f"{mode}: cairn {med['cairn']:.0f} tok/s, Trainer+PEFT {med['trainer']:.0f}, plain {med['plain']:.0f}; "
-                f"cairn/Trainer = {med['cairn'] / med['trainer']:.2f}x, cairn/plain = {med['cairn'] / med['plain']:.2f}x; "
+                f"cairn/Trainer = {med['cairn'] / med['trainer']:.2f}x, cairn/plain = {med['cairn'] / med['plain']:.2f}x, "
+                f"packing gives {med['cairn'] / med['cairn-padded']:.2f}x (cairn padded/Trainer "
+                f"{med['cairn-padded'] / med['trainer']:.2f}x); "
                 f"peak RSS GiB cairn {peaks['cairn'] / 2**30:.2f} / Trainer {peaks['trainer'] / 2**30:.2f} / "
                 f"plain {peaks['plain'] / 2**30:.2f}; {'MFU' if torch.cuda.is_available() else 'roofline share'} "
                 f"{100 * share:.0f}% of bf16 matmul, {100 * share_own:.0f}% of this precision's")
@@ -280,6 +312,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--data", default=None, help="a data pack root: train on its TRACE task --task instead")
+    ap.add_argument("--task", default="ScienceQA")
     ap.add_argument("--processes", type=int, default=0, help="compare 1 vs N processes instead")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -132,6 +132,11 @@ class TrainingConfig:
     load_in_4bit: bool = _help(
         "Load the frozen base quantised to 4-bit NF4 (QLoRA; LoRA methods only; needs the `quant` extra: "
         "bitsandbytes).", False)
+    packing: bool = _help(
+        "Padding-free micro-batches: each micro-batch's examples laid end to end in one row, each attending "
+        "only to itself (same loss to float rounding, no work on pads). Used for llama/qwen2/qwen3/mistral "
+        "models without sliding windows and methods whose loss parts read weights only (not LoRAMoE); "
+        "others train padded, and the run log says why.", True)
     group_by_length: bool = _help(
         "Within each window of 64 micro-batches of the seeded order, put examples of similar length "
         "together (less padding; the examples of each optimizer step are unchanged up to the window).", False)

@@ -14,9 +14,10 @@ What is in it, and why:
   section to ``results.json``).
 - ``training``: the experiment's training settings with the method's overrides applied
   (:meth:`ExperimentConfig.training_for`), without ``log_every``/``save_every`` (logging and
-  checkpoint cadence) and ``gradient_checkpointing`` (the forward recomputed in the backward: the
-  same weights up to float rounding, tested). None changes the trained weights, so a run that ran out
-  of memory can be resumed with checkpointing switched on.
+  checkpoint cadence), ``gradient_checkpointing`` (the forward recomputed in the backward: the
+  same weights up to float rounding, tested) and ``packing`` (padding-free batches: the same loss to
+  float rounding, tested). None changes what is trained, so a run that ran out of memory can be
+  resumed with checkpointing switched on.
 - ``tasks``: each task's full definition in curriculum order (format, path, fields, subsample sizes...).
 - ``data``: for each task whose path is a local file or folder, every file's size and SHA-256.
   Content hashes, not mtimes: a data pack copied to another disk or checked out again keeps its
@@ -45,7 +46,7 @@ from cairn.errors import CairnError
 FILE_NAME = "fingerprint.json"
 HASH_LIMIT = 512 * 1024 * 1024  # bytes; larger files are fingerprinted by size and mtime
 _METHOD_SKIP = {"name", "diagnostics", "diagnostics_threshold", "training"}  # training: resolved below
-_TRAINING_SKIP = {"log_every", "save_every", "gradient_checkpointing"}
+_TRAINING_SKIP = {"log_every", "save_every", "gradient_checkpointing", "packing"}
 
 
 def _file_entry(path: Path) -> dict:

@@ -66,6 +66,8 @@ def ewc_penalty(params: dict[str, torch.Tensor], rounds: list[tuple[dict, dict]]
 class EWCLoss:
     """The loss part: {"ewc": λ/2 Σ F (θ−θ*)²} over the earlier rounds' Fisher and anchors."""
 
+    packable = True  # reads weights only, never the batch: padding-free batches are fine
+
     def __init__(self, rounds: list[tuple[dict, dict]], lam: float) -> None:
         self.rounds = rounds
         self.lam = lam

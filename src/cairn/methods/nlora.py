@@ -62,6 +62,8 @@ class NLoRALoss:
     :meth:`diagnostics` so a plain-LoRA run can log the same quantity for comparison.
     """
 
+    packable = True  # reads adapter weights only, never the batch: padding-free batches are fine
+
     def __init__(self, lambda_: float, adapter_name: str = "default") -> None:
         self.lambda_ = check_lambda(lambda_, "N-LoRA lambda")
         self.adapter_name = adapter_name

@@ -156,6 +156,8 @@ class OLoRALoss:
     graph, and reported by :meth:`diagnostics`.
     """
 
+    packable = True  # reads adapter weights only, never the batch: padding-free batches are fine
+
     def __init__(self, prev_store: Mapping[int, Mapping[str, torch.Tensor]], lambda1: float,
                  lambda2: float = 0.0, adapter_name: str = "default") -> None:
         self.lambda1 = check_lambda(lambda1, "O-LoRA lambda1")

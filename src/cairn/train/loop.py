@@ -30,6 +30,8 @@ Accelerate, launched with ``torchrun`` or ``accelerate launch``):
   checkpoint and, in one process, ends with bit-identical weights and the same record (timings aside);
 - loss is on answer tokens only (see :mod:`cairn.data.encode`); the output layer is applied only at
   answer positions (see :func:`answer_token_loss`);
+- micro-batches are padding-free where exact (``training.packing``, :mod:`cairn.train.packing`):
+  the examples laid end to end, each attending only to itself, so no matmul runs on pads;
 - bf16 is autocast (trainable weights stay float32), on CPU and GPU alike, through Accelerate. The
   frozen Linear weights are held in bf16 for the round (speed: autocast would cast them on every
   forward, as it caches casts of trainable weights only) and restored afterwards; the matmuls see
@@ -58,7 +60,8 @@ from cairn.data.encode import IGNORE_INDEX, collate, encode_example
 from cairn.errors import CairnError, TrainingDiverged
 from cairn.loss_parts import LossPart
 from cairn.train import checkpoint as ckpt
-from cairn.train.setup import apply_model_settings, frozen_linears_in_bf16, restore_model_settings
+from cairn.train.packing import collate_packed, packed_attention_enabled, packing_blocker
+from cairn.train.setup import apply_model_settings, frozen_linears_in_bf16, hf_model, restore_model_settings
 
 
 @dataclass
@@ -106,8 +109,15 @@ def answer_token_loss(model, batch: dict, *, raw=None, sharded: bool = False, sc
                         num_items_in_batch=max(n, 1))
         total = outputs.loss * max(n, 1)
         return total, n, outputs
-    outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    output_hidden_states=True, logits_to_keep=1)
+    if "cu_seq_lens" in batch:  # padding-free row (cairn.train.packing): positions restart per example
+        bounds = batch["cu_seq_lens"]
+        longest = int((bounds[1:] - bounds[:-1]).max())
+        outputs = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                        cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=longest, max_length_k=longest,
+                        output_hidden_states=True, logits_to_keep=1)
+    else:
+        outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        output_hidden_states=True, logits_to_keep=1)
     hidden = outputs.hidden_states[-1][:, :-1]           # position t predicts token t+1
     logits = raw.get_output_embeddings()(hidden[keep])
     total = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
@@ -297,6 +307,12 @@ def train(
         bar = tqdm(total=steps, initial=start, desc="train", unit="step", leave=False)
     cast = frozen_linears_in_bf16(raw) if (precision != "float32" and cfg.base_dtype == "float32" and not sharded) \
         else contextlib.nullcontext()
+    blocker = packing_blocker(hf_model(raw), loss_parts, sharded=sharded, stock_path=_stock_path(raw)) \
+        if cfg.packing else None
+    packed = cfg.packing and blocker is None
+    if blocker:
+        say(f"training on padded micro-batches (training.packing): {blocker}")
+    packing = packed_attention_enabled(hf_model(raw)) if packed else contextlib.nullcontext()
     t0 = t_log = time.perf_counter()
     running: dict[str, float] = {}
     running_n, log_tokens, log_targets = 0, 0, 0
@@ -309,15 +325,16 @@ def train(
         running = {k: (v if rank == 0 else 0.0) for k, v in resumed["running"].items()}
         running_n, log_tokens, log_targets = resumed["running_n"], resumed["log_tokens"], resumed["log_targets"]
     try:
-        with cast:
+        with cast, packing:
             for step in range(start, steps):
                 micro_ids = [batches[step * cfg.grad_accum + m] for m in range(cfg.grad_accum)]
                 step_targets = sum(n_targets[i] for idx in micro_ids for i in idx)
                 bad: str | None = None
                 for micro, idx in enumerate(micro_ids):
                     mine = idx[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
+                    rows = [encoded[i] for i in mine]
                     batch = {k: v.to(accelerator.device)
-                             for k, v in collate([encoded[i] for i in mine], pad_id).items()}
+                             for k, v in (collate_packed(rows) if packed else collate(rows, pad_id)).items()}
                     last = micro == cfg.grad_accum - 1
                     sync = contextlib.nullcontext() if (last or world == 1) else accelerator.no_sync(model)
                     with sync:
