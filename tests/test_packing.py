@@ -104,15 +104,17 @@ def _cfg(**kw) -> TrainingConfig:
     return TrainingConfig(**base)
 
 
-@pytest.mark.parametrize("trainable", ["full", "lora"])
-def test_training_packed_gives_the_weights_of_padded(char_tokenizer, trainable):
+@pytest.mark.parametrize("trainable,checkpointing", [("full", False), ("lora", False), ("lora", True)])
+def test_training_packed_gives_the_weights_of_padded(char_tokenizer, trainable, checkpointing):
+    """Also with gradient checkpointing: the packed row's boundaries reach the recomputed forward."""
     weights, logs = [], []
     for packing in (False, True):
         base = make_tiny_llama()
         model = make_full_trainable(base) if trainable == "full" else add_lora_adapter(
             base, LoraConfig(r=4, alpha=8, dropout=0.0, target_modules="all-linear"), 1, 0)
         lines: list[str] = []
-        res = train(model, char_tokenizer, EXAMPLES, _cfg(packing=packing), seed=0, progress=False, log=lines.append)
+        cfg = _cfg(packing=packing, gradient_checkpointing=checkpointing and packing)
+        res = train(model, char_tokenizer, EXAMPLES, cfg, seed=0, progress=False, log=lines.append)
         weights.append({k: v.detach().clone() for k, v in model.state_dict().items()})
         logs.append([e["task"] for e in res.log])
         assert not any("padded micro-batches" in s for s in lines)
