@@ -219,6 +219,13 @@ def test_findings_verdicts(tmp_path):
     assert f["MoE mixing beats merging (semi-cooperative)"].verdict == "not in this run"
     assert f["O-LoRA interferes less than LoRA"].verdict == "supports"  # BWT -5 vs -40 points
     assert f["O-LoRA acquires less than LoRA"].verdict.startswith("cannot tell")  # equal acquisition
+    # new knowledge, LoRA vs FFT: the same acquisition (0.9 each) cannot tell "more"; final averages
+    # 0.5+0.9 vs 0.8+0.9 over 60 items a task differ, so "comparable" is contradicted
+    assert f["LoRA acquires more new knowledge than FFT (sequential)"].verdict.startswith("cannot tell")
+    assert f["LoRA acquires more new knowledge than FFT (sequential)"].interval.startswith("+0.0 [")
+    comparable = f["LoRA and FFT end comparable on new knowledge (sequential)"]
+    assert comparable.verdict == "contradicts (the two differ)" and comparable.interval.startswith("-15.0 [")
+    assert f["LoRA and FFT end comparable on new knowledge (one-round)"].verdict == "not in this run"
 
 
 def test_findings_contradiction(tmp_path):
@@ -229,6 +236,18 @@ def test_findings_contradiction(tmp_path):
     (exp / "config.yaml").write_text(CONFIG)
     f = {x.claim: x for x in evaluate_findings(load_runs([exp]).runs)}
     assert f["LoRA forgets less old knowledge than FFT (sequential)"].verdict == "contradicts"
+
+
+def test_findings_comparable_new_knowledge_supported_when_the_interval_contains_zero(tmp_path):
+    exp = tmp_path / "exp"
+    _seq_with_items(exp, "seq-lora", 0.9, 0.7)   # final row (0.7, 0.9): average 0.8
+    _seq_with_items(exp, "seq-fft", 0.7, 0.9)    # final row (0.9, 0.7): average 0.8
+    (exp / "experiment.json").write_text(json.dumps({"methods": ["seq-lora", "seq-fft"]}))
+    (exp / "config.yaml").write_text(CONFIG)
+    f = {x.claim: x for x in evaluate_findings(load_runs([exp]).runs)}
+    assert f["LoRA and FFT end comparable on new knowledge (sequential)"].verdict.startswith("supports")
+    more = f["LoRA acquires more new knowledge than FFT (sequential)"]  # 0.9 vs 0.7 right after, 60 items a task
+    assert more.verdict == "supports" and more.interval.startswith("+20.0 [")
 
 
 def test_single_seed_old_knowledge_cells_get_normal_intervals(tmp_path):

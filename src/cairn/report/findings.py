@@ -3,7 +3,11 @@
 Claims (sources in brackets):
 
 1. LoRA forgets less old knowledge than FFT, sequentially (Lee & Wynter 2024, arXiv:2410.13699,
-   Tables 1/2: -1% vs -7%) and after one round (its Fig. 2).
+   Tables 1/2: -1% vs -7%) and after one round (its Fig. 2). On new knowledge the paper says both
+   that sequential LoRA has "better average knowledge acquisition" (§4.3) — the score right after
+   each task's own round, LoRA − FFT > 0 — and that the final averages are "comparable" (Fig. 4; one
+   round: "similar", Fig. 1). A "comparable" claim is supported when the interval contains 0 and
+   contradicted when it excludes it (the run can tell the two apart).
 2. Replay retains new knowledge best in the fully-cooperative setting (ibid. §4.4, Fig. 8): the
    replay method's final new-knowledge average beats plain sequential and joint training of the
    same kind (LoRA or FFT).
@@ -242,6 +246,15 @@ def _compare(claim, source, what, a: Run, b: Run, ma, mb, sign: int) -> Finding:
     return Finding(claim, source, what, numbers, _iv_text(iv), verdict)
 
 
+def _similar(f: Finding) -> Finding:
+    """Re-read a directional verdict for a "the two are similar" claim."""
+    if f.verdict.startswith("cannot tell (interval"):
+        f.verdict = "supports (interval contains 0: similar)"
+    elif f.verdict in ("supports", "contradicts"):
+        f.verdict = "contradicts (the two differ)"
+    return f
+
+
 def _missing(claim, source, what, need: str) -> Finding:
     return Finding(claim, source, what, f"needs {need}", "–", "not in this run")
 
@@ -259,6 +272,27 @@ def evaluate_findings(runs: list[Run]) -> list[Finding]:
             out.append(_missing(claim, f"{seed_paper}, {where}", what, f"{strategy} LoRA and FFT methods"))
             continue
         out.append(_compare(claim, f"{seed_paper}, {where}", what, lo[0], ff[0], old_final(lo[0]), old_final(ff[0]), +1))
+    # 1b. new knowledge, LoRA vs FFT: better acquisition (§4.3), comparable final averages (Figs. 1, 4)
+    lo = [r for r in find(runs, strategy="sequential", trainable="lora") if _plain(kind(r))]
+    ff = [r for r in find(runs, strategy="sequential", trainable="full") if _plain(kind(r))]
+    src = f"{seed_paper}, §4.3"
+    if lo and ff:
+        out.append(_compare("LoRA acquires more new knowledge than FFT (sequential)", src,
+                            "acquisition average x100 (LoRA − FFT > 0)", lo[0], ff[0], acquisition(lo[0]),
+                            acquisition(ff[0]), +1))
+    else:
+        out.append(_missing("LoRA acquires more new knowledge than FFT (sequential)", src,
+                            "acquisition average x100", "sequential LoRA and FFT methods"))
+    for strategy, where in (("sequential", "Fig. 4"), ("one-round", "Fig. 1")):
+        claim = f"LoRA and FFT end comparable on new knowledge ({strategy})"
+        what = "new-knowledge final average x100 (LoRA − FFT ≈ 0)"
+        lo = [r for r in find(runs, strategy=strategy, trainable="lora") if _plain(kind(r))]
+        ff = [r for r in find(runs, strategy=strategy, trainable="full") if _plain(kind(r))]
+        if not lo or not ff:
+            out.append(_missing(claim, f"{seed_paper}, {where}", what, f"{strategy} LoRA and FFT methods"))
+            continue
+        out.append(_similar(_compare(claim, f"{seed_paper}, {where}", what, lo[0], ff[0], new_final(lo[0]),
+                                     new_final(ff[0]), +1)))
     # 2. replay retains new knowledge best (fully cooperative)
     any_replay = False
     for tr in ("lora", "full"):
@@ -320,13 +354,9 @@ def evaluate_findings(runs: list[Run]) -> list[Finding]:
         m, lo = lmoe[0], lora[0]
         out.append(_compare("LoRAMoE keeps more world knowledge than LoRA", src,
                             "old-knowledge final average x100 (LoRAMoE − LoRA > 0)", m, lo, old_final(m), old_final(lo), +1))
-        f = _compare("LoRAMoE acquires about as much as LoRA", src,
-                     "acquisition average x100 (LoRAMoE − LoRA ≈ 0)", m, lo, acquisition(m), acquisition(lo), +1)
-        if f.verdict.startswith("cannot tell (interval"):
-            f.verdict = "supports (interval contains 0: similar)"
-        elif f.verdict in ("supports", "contradicts"):
-            f.verdict = "contradicts (acquisition differs)"
-        out.append(f)
+        out.append(_similar(_compare("LoRAMoE acquires about as much as LoRA", src,
+                                     "acquisition average x100 (LoRAMoE − LoRA ≈ 0)", m, lo, acquisition(m),
+                                     acquisition(lo), +1)))
     else:
         out.append(_missing("LoRAMoE keeps more world knowledge than LoRA at similar acquisition", src,
                             "old-knowledge average, acquisition", "LoRAMoE and sequential LoRA"))
