@@ -13,9 +13,9 @@ prints MFU against the GPU's measured bf16 matmul rate the same way.
     python benchmarks/train_loop.py --processes 2   # 1 vs 2 processes (torchrun, gloo), same global batch
     python benchmarks/train_loop.py --data PACK --task ScienceQA   # a data pack's TRACE task instead
 
-The built-in data's examples are 60-127 tokens long, so a padded batch of 4 is ~15% pads; a TRACE
-task's lengths spread far wider (ScienceQA: ~100-1,000 tokens), which is where cairn's padding-free
-batches (training.packing) pay most.
+The built-in data's examples are 60-127 tokens long, so a padded batch of 4 is ~17% pads; a TRACE
+task's lengths spread wider (ScienceQA: 50-823 tokens in a 48-example sample), and the printed pad
+share says how much cairn's padding-free batches (training.packing) can save.
 
 Timings on a shared machine are noisy: read the ratios, and rerun with more --repeats to be sure.
 """
@@ -44,7 +44,8 @@ def trace_examples(data: str, task: str, n: int = 48, seed: int = 0) -> list[dic
     from cairn.config import TaskConfig
     from cairn.data.tasks import load_task
 
-    loaded = load_task(TaskConfig(name=task, format="trace", path=f"trace/{task}", max_train=n, max_test=1),
+    loaded = load_task(TaskConfig(name=task, format="trace", path=f"trace/{task}", metric="accuracy", max_train=n,
+                                  max_test=1),
                        data_dir=data, seed=seed)
     return [{"prompt": e["prompt"], "answer": e["answer"]} for e in loaded.train]
 
