@@ -96,10 +96,12 @@ def subspace_overlap(x: torch.Tensor, y: torch.Tensor, side: Literal["input", "o
     """Normalised overlap of the input (row) or output (column) subspaces of two updates, in [0, 1]."""
     if x.dim() != 2 or y.dim() != 2:
         raise CairnError(f"subspace_overlap needs 2-D matrices, got {tuple(x.shape)} and {tuple(y.shape)}")
-    x, y = _oriented(x.double(), side), _oriented(y.double(), side)
-    if x.shape[1] != y.shape[1]:
-        raise CairnError(f"subspace_overlap: the {side} dimensions differ ({tuple(x.shape)} vs {tuple(y.shape)})")
-    return _overlap(x, y, float(_gram_norm(x)), float(_gram_norm(y)))
+    x, y = x.double(), y.double()
+    xo, yo = _oriented(x, side), _oriented(y, side)
+    if xo.shape[1] != yo.shape[1]:
+        raise CairnError(f"subspace_overlap: the {side} dimensions differ ({tuple(xo.shape)} vs {tuple(yo.shape)})")
+    grams = _Grams({0: x, 1: y})
+    return _overlap(xo, yo, grams.get(0, side), grams.get(1, side))
 
 
 def _oriented(x: torch.Tensor, side: str) -> torch.Tensor:
@@ -110,44 +112,36 @@ def _oriented(x: torch.Tensor, side: str) -> torch.Tensor:
     return x
 
 
-def _overlap(x: torch.Tensor, y: torch.Tensor, gram_x: "float | tuple", gram_y: "float | tuple") -> float:
-    """‖X Yᵀ‖_F / sqrt(‖X Xᵀ‖_F ‖Y Yᵀ‖_F), with each Gram norm given (or, from :class:`_Grams`, the
-    pair (norm, XᵀX) when XᵀX is the smaller Gram matrix)."""
-    nx, gx = gram_x if isinstance(gram_x, tuple) else (gram_x, None)
-    ny, gy = gram_y if isinstance(gram_y, tuple) else (gram_y, None)
-    # ‖X Yᵀ‖_F² = ⟨XᵀX, YᵀY⟩_F: use whichever form has the smaller square matrices.
-    if x.shape[0] <= x.shape[1]:
+def _overlap(x: torch.Tensor, y: torch.Tensor, gram_x: tuple, gram_y: tuple) -> float:
+    """‖X Yᵀ‖_F / sqrt(‖X Xᵀ‖_F ‖Y Yᵀ‖_F) for oriented X, Y, given each one's :meth:`_Grams.get`."""
+    (nx, gx), (ny, gy) = gram_x, gram_y
+    # ‖X Yᵀ‖_F² = ⟨XᵀX, YᵀY⟩_F: the Gram form where both XᵀX are at hand (the smaller), else X Yᵀ.
+    if gx is None or gy is None:
         cross_sq = float(torch.linalg.matrix_norm(x @ y.T).double() ** 2)
     else:
-        gx = x.T @ x if gx is None else gx
-        gy = y.T @ y if gy is None else gy
         cross_sq = max(0.0, float((gx * gy).sum(dtype=torch.float64)))
     denom = nx * ny
     return min(1.0, math.sqrt(cross_sq / denom)) if denom > 0 else 0.0
 
 
 class _Grams:
-    """Per update and side: ‖X Xᵀ‖_F, plus XᵀX itself where that is the smaller Gram matrix (then the
-    pair's cross term ⟨XᵀX, YᵀY⟩_F needs no further product) — computed on first use, once per update."""
+    """Per update and side: (‖X Xᵀ‖_F, XᵀX or None). ‖X Xᵀ‖_F = ‖Xᵀ X‖_F (same non-zero eigenvalues), so
+    the smaller Gram matrix gives the norm; XᵀX is kept where it is the smaller one, and the pair's cross
+    term ⟨XᵀX, YᵀY⟩_F then needs no further product. Computed on first use, once per update and side."""
 
     def __init__(self, mats: Mapping[int, torch.Tensor]):
         self.mats, self.cache = mats, {}
 
-    def get(self, k: int, side: str) -> "float | tuple":
+    def get(self, k: int, side: str) -> tuple:
         key = (k, side)
         if key not in self.cache:
             x = _oriented(self.mats[k], side)
             if x.shape[0] <= x.shape[1]:
-                self.cache[key] = float(torch.linalg.matrix_norm(x @ x.T).double())
+                self.cache[key] = (float(torch.linalg.matrix_norm(x @ x.T).double()), None)
             else:
                 g = x.T @ x
                 self.cache[key] = (float(torch.linalg.matrix_norm(g).double()), g)
         return self.cache[key]
-
-
-def _gram_norm(x: torch.Tensor) -> torch.Tensor:
-    # ‖X Xᵀ‖_F = ‖Xᵀ X‖_F (same non-zero eigenvalues): form the smaller Gram matrix.
-    return torch.linalg.matrix_norm(x @ x.T if x.shape[0] <= x.shape[1] else x.T @ x)
 
 
 def a_overlap_l1(a_i: torch.Tensor, a_j: torch.Tensor) -> float:
