@@ -246,13 +246,19 @@ def _compare(claim, source, what, a: Run, b: Run, ma, mb, sign: int) -> Finding:
     return Finding(claim, source, what, numbers, _iv_text(iv), verdict)
 
 
-def _similar(f: Finding) -> Finding:
+def _similar(f: Finding, differs: str = "the two differ") -> Finding:
     """Re-read a directional verdict for a "the two are similar" claim."""
     if f.verdict.startswith("cannot tell (interval"):
         f.verdict = "supports (interval contains 0: similar)"
     elif f.verdict in ("supports", "contradicts"):
-        f.verdict = "contradicts (the two differ)"
+        f.verdict = f"contradicts ({differs})"
     return f
+
+
+def _lora_and_fft(runs: list[Run], strategy: str) -> tuple[list[Run], list[Run]]:
+    """The plain (no replay, O-/N-LoRA or combiner) LoRA and FFT runs of ``strategy``."""
+    return tuple([r for r in find(runs, strategy=strategy, trainable=t) if _plain(kind(r))]
+                 for t in ("lora", "full"))
 
 
 def _missing(claim, source, what, need: str) -> Finding:
@@ -266,15 +272,13 @@ def evaluate_findings(runs: list[Run]) -> list[Finding]:
     for strategy, where in (("sequential", "Tables 1/2"), ("one-round", "Fig. 2")):
         claim = f"LoRA forgets less old knowledge than FFT ({strategy})"
         what = "old-knowledge final average x100 (LoRA − FFT > 0)"
-        lo = [r for r in find(runs, strategy=strategy, trainable="lora") if _plain(kind(r))]
-        ff = [r for r in find(runs, strategy=strategy, trainable="full") if _plain(kind(r))]
+        lo, ff = _lora_and_fft(runs, strategy)
         if not lo or not ff:
             out.append(_missing(claim, f"{seed_paper}, {where}", what, f"{strategy} LoRA and FFT methods"))
             continue
         out.append(_compare(claim, f"{seed_paper}, {where}", what, lo[0], ff[0], old_final(lo[0]), old_final(ff[0]), +1))
     # 1b. new knowledge, LoRA vs FFT: better acquisition (§4.3), comparable final averages (Figs. 1, 4)
-    lo = [r for r in find(runs, strategy="sequential", trainable="lora") if _plain(kind(r))]
-    ff = [r for r in find(runs, strategy="sequential", trainable="full") if _plain(kind(r))]
+    lo, ff = _lora_and_fft(runs, "sequential")
     src = f"{seed_paper}, §4.3"
     if lo and ff:
         out.append(_compare("LoRA acquires more new knowledge than FFT (sequential)", src,
@@ -286,8 +290,7 @@ def evaluate_findings(runs: list[Run]) -> list[Finding]:
     for strategy, where in (("sequential", "Fig. 4"), ("one-round", "Fig. 1")):
         claim = f"LoRA and FFT end comparable on new knowledge ({strategy})"
         what = "new-knowledge final average x100 (LoRA − FFT ≈ 0)"
-        lo = [r for r in find(runs, strategy=strategy, trainable="lora") if _plain(kind(r))]
-        ff = [r for r in find(runs, strategy=strategy, trainable="full") if _plain(kind(r))]
+        lo, ff = _lora_and_fft(runs, strategy)
         if not lo or not ff:
             out.append(_missing(claim, f"{seed_paper}, {where}", what, f"{strategy} LoRA and FFT methods"))
             continue
@@ -323,7 +326,7 @@ def evaluate_findings(runs: list[Run]) -> list[Finding]:
     # 4. O-LoRA trades acquisition for lower interference
     olora = sorted([r for r in runs if kind(r)["olora"] and kind(r)["strategy"] == "sequential"],
                    key=lambda r: kind(r)["lambda1"] if kind(r)["lambda1"] is not None else 0)
-    lora = [r for r in find(runs, strategy="sequential", trainable="lora") if _plain(kind(r))]
+    lora, _ = _lora_and_fft(runs, "sequential")
     src = f"{seed_paper}, §4.3 Figs. 5/6"
     if olora and lora:
         o, lo = olora[0], lora[0]
@@ -356,7 +359,7 @@ def evaluate_findings(runs: list[Run]) -> list[Finding]:
                             "old-knowledge final average x100 (LoRAMoE − LoRA > 0)", m, lo, old_final(m), old_final(lo), +1))
         out.append(_similar(_compare("LoRAMoE acquires about as much as LoRA", src,
                                      "acquisition average x100 (LoRAMoE − LoRA ≈ 0)", m, lo, acquisition(m),
-                                     acquisition(lo), +1)))
+                                     acquisition(lo), +1), differs="acquisition differs"))
     else:
         out.append(_missing("LoRAMoE keeps more world knowledge than LoRA at similar acquisition", src,
                             "old-knowledge average, acquisition", "LoRAMoE and sequential LoRA"))
