@@ -37,6 +37,9 @@ Accelerate, launched with ``torchrun`` or ``accelerate launch``):
   forward, as it caches casts of trainable weights only) and restored afterwards; the matmuls see
   the same bf16 values either way. ``base_dtype: bfloat16`` keeps them in bf16 for good (memory).
 - AdamW is torch's fused kernel (see :func:`make_optimizer`);
+- in one unsharded process, a trainable input embedding's gradient is added to ``.grad`` in place
+  after each backward (:mod:`cairn.train.embedding_grad`) instead of through a vocab-sized dense
+  buffer per step;
 - a NaN/Inf loss term raises :class:`cairn.errors.TrainingDiverged` naming the step and the term,
   before the optimizer step and before any checkpoint is written.
 """
@@ -60,6 +63,7 @@ from cairn.data.encode import IGNORE_INDEX, collate, encode_example
 from cairn.errors import CairnError, TrainingDiverged
 from cairn.loss_parts import LossPart
 from cairn.train import checkpoint as ckpt
+from cairn.train.embedding_grad import deferred_embedding_grad
 from cairn.train.packing import collate_packed, packed_attention_enabled, packing_blocker
 from cairn.train.setup import apply_model_settings, frozen_linears_in_bf16, hf_model, restore_model_settings
 
@@ -313,6 +317,9 @@ def train(
     if blocker:
         say(f"training on padded micro-batches (training.packing): {blocker}")
     packing = packed_attention_enabled(hf_model(raw)) if packed else contextlib.nullcontext()
+    # in one unsharded process, a trainable embedding's gradient is added in place after backward
+    # (cairn.train.embedding_grad: no dense vocab-sized buffer per step)
+    embedding_grad = deferred_embedding_grad(raw, enabled=world == 1 and not sharded and not deepspeed)
     t0 = t_log = time.perf_counter()
     running: dict[str, float] = {}
     running_n, log_tokens, log_targets = 0, 0, 0
@@ -325,7 +332,7 @@ def train(
         running = {k: (v if rank == 0 else 0.0) for k, v in resumed["running"].items()}
         running_n, log_tokens, log_targets = resumed["running_n"], resumed["log_tokens"], resumed["log_targets"]
     try:
-        with cast, packing:
+        with cast, packing, embedding_grad as embedding_sinks:
             for step in range(start, steps):
                 micro_ids = [batches[step * cfg.grad_accum + m] for m in range(cfg.grad_accum)]
                 step_targets = sum(n_targets[i] for idx in micro_ids for i in idx)
@@ -349,6 +356,8 @@ def train(
                             if terms:
                                 loss = loss + sum(terms.values()) / cfg.grad_accum
                         accelerator.backward(loss * cfg.grad_accum if deepspeed else loss)
+                    for sink in embedding_sinks:
+                        sink.flush()
                     for name, value in (("task", task_sum), *terms.items()):
                         v = float(value.detach())
                         if not math.isfinite(v) and bad is None:
