@@ -15,6 +15,14 @@ classification-style tasks), cairn's time against the floor of one batched forwa
 
     python benchmarks/generation.py [--model smollm2-135m] [--n 16] [--max-new-tokens 64] [--threads 1]
     python benchmarks/generation.py --prompts gsm8k --data DATA_PACK --n 48 --max-new-tokens 96 --threads 1
+    python benchmarks/generation.py --prompts trace --task Py150 --data DATA_PACK --n 16 --max-new-tokens 64
+
+With long prompts (``--prompts trace``: a TRACE task's test prompts, each cut to its last
+``--max-prompt-tokens`` tokens as TRACE's evaluation and the paper configs do) the prompts' forward
+pass dominates. Every runner must compute it once, in float32 for the same outputs, so the script
+also times one batched forward of the prompts (the prefill floor) and prints each runner's time as
+a multiple of it: plain generate's multiple is the most any generator of the same outputs could
+gain over plain generate.
 """
 
 from __future__ import annotations
@@ -53,6 +61,31 @@ def gsm8k_prompts(data: str, n: int, shots: int = 2) -> list[str]:
     return [build_prompt(row, train) for row in test]
 
 
+def trace_prompts(data: str, task: str, n: int, max_prompt_tokens: int, tokenizer) -> list[str]:
+    """A TRACE task's first ``n`` test prompts (seeded subsample), each cut to its last
+    ``max_prompt_tokens`` tokens and decoded back, so every runner is given the same text."""
+    from cairn.config import TaskConfig
+    from cairn.data.tasks import load_task
+
+    loaded = load_task(TaskConfig(name=task, format="trace", path=f"trace/{task}", metric="accuracy", max_train=1,
+                                  max_test=n), data_dir=data, seed=0)
+    return [tokenizer.decode(tokenizer(ex["prompt"])["input_ids"][-max_prompt_tokens:], skip_special_tokens=True)
+            for ex in loaded.test]
+
+
+def prefill_floor(model, tokenizer, texts, batch_size) -> float:
+    """Seconds of one batched forward of the prompts (longest first, as cairn batches them, so both
+    pad alike; only the last position's logits)."""
+    tokenizer.padding_side = "left"
+    texts = sorted(texts, key=lambda t: -len(tokenizer(t)["input_ids"]))
+    t0 = time.perf_counter()
+    for s in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[s:s + batch_size], return_tensors="pt", padding=True)
+        with torch.no_grad():
+            model(**enc, logits_to_keep=1)
+    return time.perf_counter() - t0
+
+
 def plain(model, tokenizer, texts, max_new_tokens, batch_size, stop):
     from cairn.eval.generation import cut_at_stop
 
@@ -61,7 +94,7 @@ def plain(model, tokenizer, texts, max_new_tokens, batch_size, stop):
     for s in range(0, len(texts), batch_size):
         enc = tokenizer(texts[s:s + batch_size], return_tensors="pt", padding=True)
         with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, stop_strings=stop,
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, stop_strings=stop or None,
                                  tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id)
         for row in out[:, enc["input_ids"].shape[1]:]:
             outs.append(cut_at_stop(tokenizer.decode(row, skip_special_tokens=True), stop))
@@ -117,9 +150,13 @@ def main() -> None:
                          "on a CPU); 0: no")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--prompts", choices=("reports", "gsm8k"), default="reports",
-                    help="reports: built-in notes->report prompts; gsm8k: GSM8K 2-shot from --data")
-    ap.add_argument("--data", help="the data pack directory (holding gsm8k/), for --prompts gsm8k")
+    ap.add_argument("--prompts", choices=("reports", "gsm8k", "trace"), default="reports",
+                    help="reports: built-in notes->report prompts; gsm8k: GSM8K 2-shot from --data; trace: the "
+                         "test prompts of TRACE task --task from --data")
+    ap.add_argument("--data", help="the data pack directory (holding gsm8k/ and trace/), for --prompts gsm8k/trace")
+    ap.add_argument("--task", default="Py150", help="the TRACE task, for --prompts trace")
+    ap.add_argument("--max-prompt-tokens", type=int, default=1024,
+                    help="--prompts trace: keep each prompt's last this many tokens (TRACE's max_prompt_len)")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (0: torch's default). On a CPU shared with other jobs, 1 avoids "
                          "OpenMP threads waiting on each other at every op, which swamps both timings")
@@ -139,6 +176,8 @@ def main() -> None:
         from cairn.eval.gsm8k import STOP
 
         texts, stop = gsm8k_prompts(args.data, args.n), STOP + [tokenizer.eos_token]
+    elif args.prompts == "trace":
+        texts, stop = trace_prompts(args.data, args.task, args.n, args.max_prompt_tokens, tokenizer), []
     else:
         texts, stop = prompts(args.n), ["\n\n", "Notes:"]
     bs, k = args.batch_size, args.max_new_tokens
@@ -181,23 +220,20 @@ def main() -> None:
               + f"  {forwards[name][0]:8d}  {forwards[name][1]:12d}  {differ}")
     print("differ: outputs unlike plain generate's (float rounding of differently shaped batches can only "
           "matter on a near-tie of two tokens)")
+    fwd = statistics.median(prefill_floor(model, tokenizer, texts, bs) for _ in range(args.repeats))
+    prompt_tokens = [len(tokenizer(t)["input_ids"]) for t in texts]
+    print(f"prefill floor (one batched forward of the {statistics.mean(prompt_tokens):.0f}-token prompts, "
+          f"{min(prompt_tokens)}-{max(prompt_tokens)}): {fwd:.1f}s; each runner's time in floors: "
+          + ", ".join(f"{name} {med[name] / fwd:.2f}" for name in runs)
+          + f". No generator of the same outputs can be more than {med['plain'] / fwd:.2f}x plain generate.")
     if not args.no_floor:
-        floor(model, tokenizer, texts, bs)
+        floor(model, tokenizer, texts, bs, fwd)
 
 
-def floor(model, tokenizer, texts, batch_size) -> None:
-    """Short answers: cairn's generation of 1-3 tokens against one batched forward of the prompts
-    (batched longest first, as cairn batches them, so both pad alike)."""
+def floor(model, tokenizer, texts, batch_size, fwd: float) -> None:
+    """Short answers: cairn's generation of 1-3 tokens against one batched forward of the prompts."""
     from cairn.eval.generation import generate
 
-    tokenizer.padding_side = "left"
-    texts = sorted(texts, key=lambda t: -len(tokenizer(t)["input_ids"]))
-    t0 = time.perf_counter()
-    for s in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[s:s + batch_size], return_tensors="pt", padding=True)
-        with torch.no_grad():
-            model(**enc, logits_to_keep=1)
-    fwd = time.perf_counter() - t0
     for k in (1, 3):
         t0 = time.perf_counter()
         generate(model, tokenizer, texts, k, batch_size)

@@ -13,6 +13,9 @@ prints MFU against the GPU's measured bf16 matmul rate the same way.
     python benchmarks/train_loop.py --processes 2   # 1 vs 2 processes (torchrun, gloo), same global batch
     python benchmarks/train_loop.py --data PACK --task ScienceQA   # a data pack's TRACE task instead
 
+Two rates are printed for every runner: over the whole run, and after the first optimizer step
+(set-up and the optimizer's state allocation left out): a long round sees the second.
+
 The built-in data's examples are 60-127 tokens long, so a padded batch of 4 is ~17% pads; a TRACE
 task's lengths spread wider (ScienceQA: 50-823 tokens in a 48-example sample), and the printed pad
 share says how much cairn's padding-free batches (training.packing) can save.
@@ -37,6 +40,8 @@ from pathlib import Path
 import torch
 
 MODES = ("lora-fp32", "lora-bf16", "full-fp32", "full-bf16")
+# time.perf_counter() at the end of each optimizer step of the runner that runs now
+STAMPS: list[float] = []
 
 
 def trace_examples(data: str, task: str, n: int = 48, seed: int = 0) -> list[dict]:
@@ -112,7 +117,8 @@ def run_cairn(model, tokenizer, examples, args, bf16: bool, packing: bool = True
     cfg = TrainingConfig(max_steps=args.steps, batch_size=args.batch_size, lr=1e-4, warmup_ratio=0.0,
                          log_every=10**9, max_length=args.max_length, bf16=bf16, max_grad_norm=1.0, packing=packing)
     t0 = time.perf_counter()
-    res = train(model, tokenizer, examples, cfg, progress=False, log=lambda s: None)
+    res = train(model, tokenizer, examples, cfg, progress=False, log=lambda s: None,
+                on_step=lambda step: STAMPS.append(time.perf_counter()))
     return res.tokens, time.perf_counter() - t0
 
 
@@ -146,13 +152,14 @@ def run_plain(model, tokenizer, examples, args, bf16: bool) -> tuple[int, float]
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        STAMPS.append(time.perf_counter())
         tokens += int(batch["attention_mask"].sum())
     return tokens, time.perf_counter() - t0
 
 
 def run_trainer(model, tokenizer, examples, args, bf16: bool) -> tuple[int, float]:
     """HF Trainer with its defaults (fused AdamW, linear schedule) on the same batches, same order."""
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from cairn.data.encode import collate
 
@@ -180,7 +187,11 @@ def run_trainer(model, tokenizer, examples, args, bf16: bool) -> tuple[int, floa
             def _get_train_sampler(self, *a, **k):
                 return torch.utils.data.SequentialSampler(self.train_dataset)
 
-        InOrder(model=model, args=targs, train_dataset=rows, data_collator=collator).train()
+        class Stamp(TrainerCallback):
+            def on_step_end(self, *a, **k):
+                STAMPS.append(time.perf_counter())
+
+        InOrder(model=model, args=targs, train_dataset=rows, data_collator=collator, callbacks=[Stamp()]).train()
     return counted[0], time.perf_counter() - t0
 
 
@@ -238,10 +249,12 @@ def speed(args) -> None:
 
     # cairn-padded: cairn's loop with training.packing off, to show what padding-free batches give
     runners = {"cairn": run_cairn, "cairn-padded": run_cairn_padded, "trainer": run_trainer, "plain": run_plain}
+    step_tokens = [sum(lens[i] for i in idx) for idx in _order(len(lens), args)]
     summary = []
     for mode in args.modes.split(","):
         bf16 = mode.endswith("bf16")
         rates: dict[str, list[float]] = {k: [] for k in runners}
+        steady: dict[str, list[float]] = {k: [] for k in runners}
         peaks: dict[str, int] = {k: 0 for k in runners}
         flops_per_token = None
         for r in range(args.repeats):
@@ -250,23 +263,30 @@ def speed(args) -> None:
                 model = fresh_model(args.model, mode)
                 if flops_per_token is None:
                     flops_per_token = (4 if mode.startswith("lora") else 6) * matmul_params(model)
+                STAMPS.clear()
                 with PeakRSS() as mem:
                     tokens, secs = runners[name](model, tokenizer, examples, args, bf16)
+                assert len(STAMPS) == args.steps, (name, len(STAMPS))
+                # after the first optimizer step: set-up, optimizer-state allocation and compiling left out
+                after_first = sum(step_tokens[1:]) / (STAMPS[-1] - STAMPS[0])
                 rates[name].append(tokens / secs)
+                steady[name].append(after_first)
                 peaks[name] = max(peaks[name], mem.peak)
-                print(f"  {mode} repeat {r} {name:>7}: {tokens} tokens in {secs:.1f}s = {tokens / secs:.1f} tok/s, "
-                      f"peak RSS {mem.peak / 2**30:.2f} GiB", flush=True)
+                print(f"  {mode} repeat {r} {name:>14}: {tokens} tokens in {secs:.1f}s = {tokens / secs:.1f} tok/s, "
+                      f"after the first step {after_first:.1f} tok/s, peak RSS {mem.peak / 2**30:.2f} GiB", flush=True)
                 del model
         med = {k: statistics.median(v) for k, v in rates.items()}
-        share = med["cairn"] * flops_per_token / roofs["bf16"]
-        share_own = med["cairn"] * flops_per_token / roofs["bf16" if bf16 else "fp32"]
-        line = (f"{mode}: cairn {med['cairn']:.0f} tok/s, Trainer+PEFT {med['trainer']:.0f}, plain {med['plain']:.0f}; "
-                f"cairn/Trainer = {med['cairn'] / med['trainer']:.2f}x, cairn/plain = {med['cairn'] / med['plain']:.2f}x, "
-                f"packing gives {med['cairn'] / med['cairn-padded']:.2f}x (cairn padded/Trainer "
-                f"{med['cairn-padded'] / med['trainer']:.2f}x); "
-                f"peak RSS GiB cairn {peaks['cairn'] / 2**30:.2f} / Trainer {peaks['trainer'] / 2**30:.2f} / "
-                f"plain {peaks['plain'] / 2**30:.2f}; {'MFU' if torch.cuda.is_available() else 'roofline share'} "
-                f"{100 * share:.0f}% of bf16 matmul, {100 * share_own:.0f}% of this precision's")
+        med_s = {k: statistics.median(v) for k, v in steady.items()}
+        share = med_s["cairn"] * flops_per_token / roofs["bf16"]
+        share_own = med_s["cairn"] * flops_per_token / roofs["bf16" if bf16 else "fp32"]
+        line = (f"{mode}: whole run: cairn {med['cairn']:.0f} tok/s, Trainer+PEFT {med['trainer']:.0f}, plain "
+                f"{med['plain']:.0f}; cairn/Trainer = {med['cairn'] / med['trainer']:.2f}x, cairn/plain = "
+                f"{med['cairn'] / med['plain']:.2f}x | after the first step: cairn/Trainer = "
+                f"{med_s['cairn'] / med_s['trainer']:.2f}x, cairn/plain = {med_s['cairn'] / med_s['plain']:.2f}x, "
+                f"packing gives {med_s['cairn'] / med_s['cairn-padded']:.2f}x")
+        line += (f"; peak RSS GiB cairn {peaks['cairn'] / 2**30:.2f} / Trainer {peaks['trainer'] / 2**30:.2f} / "
+                 f"plain {peaks['plain'] / 2**30:.2f}; {'MFU' if torch.cuda.is_available() else 'roofline share'} "
+                 f"{100 * share:.0f}% of bf16 matmul, {100 * share_own:.0f}% of this precision's")
         summary.append(line)
         print(line, flush=True)
     print("\nsummary (medians over repeats)\n" + "\n".join(summary))
