@@ -7,8 +7,8 @@ first stop string. With lm-evaluation-harness installed, "lm-eval" is its HF bac
 own stop criteria). cairn's :func:`cairn.eval.generation.generate` sorts prompts by length and
 checks stop strings per running row; "current" runs it one batch at a time (finished rows leave
 the batch, ``continuous=False``), "continuous" refills a finished row's slot with the next prompt
-(continuous batching, shared prompt prefix computed once), and ``--wide B`` adds continuous
-batching at a larger batch. All run side by side, the order rotated each repeat, after one warm-up
+(continuous batching, shared prompt prefix computed once, prompts of unequal length prefilled
+padding-free), and ``--wide B`` adds plain generate and continuous batching at a larger batch. All run side by side, the order rotated each repeat, after one warm-up
 call; the script prints median seconds, ratios, forward calls (prefills, decode steps) and how many
 outputs differ from plain generate's. It then reports, for short answers (1-3 new tokens,
 classification-style tasks), cairn's time against the floor of one batched forward of the prompts.
@@ -20,9 +20,9 @@ classification-style tasks), cairn's time against the floor of one batched forwa
 With long prompts (``--prompts trace``: a TRACE task's test prompts, each cut to its last
 ``--max-prompt-tokens`` tokens as TRACE's evaluation and the paper configs do) the prompts' forward
 pass dominates. Every runner must compute it once, in float32 for the same outputs, so the script
-also times one batched forward of the prompts (the prefill floor) and prints each runner's time as
-a multiple of it: plain generate's multiple is the most any generator of the same outputs could
-gain over plain generate.
+also times the prompts' forward with no padding (each prompt alone: the prefill floor) and prints
+each runner's time as a multiple of it: plain generate's multiple is the most any generator of the
+same outputs could gain over plain generate.
 """
 
 from __future__ import annotations
@@ -74,13 +74,11 @@ def trace_prompts(data: str, task: str, n: int, max_prompt_tokens: int, tokenize
 
 
 def prefill_floor(model, tokenizer, texts, batch_size) -> float:
-    """Seconds of one batched forward of the prompts (longest first, as cairn batches them, so both
-    pad alike; only the last position's logits)."""
-    tokenizer.padding_side = "left"
-    texts = sorted(texts, key=lambda t: -len(tokenizer(t)["input_ids"]))
+    """Seconds of the prompts' forward with no padding at all: each prompt alone (only the last
+    position's logits). Any generator must compute at least this to produce the first tokens."""
     t0 = time.perf_counter()
-    for s in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[s:s + batch_size], return_tensors="pt", padding=True)
+    for text in texts:
+        enc = tokenizer(text, return_tensors="pt")
         with torch.no_grad():
             model(**enc, logits_to_keep=1)
     return time.perf_counter() - t0
@@ -146,8 +144,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--wide", type=int, default=0,
-                    help="also run cairn continuous at this batch size (a larger batch is nearly free per step "
-                         "on a CPU); 0: no")
+                    help="also run plain generate and cairn continuous at this batch size; 0: no")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--prompts", choices=("reports", "gsm8k", "trace"), default="reports",
@@ -188,6 +185,7 @@ def main() -> None:
     runs["current"] = lambda: generate(model, tokenizer, texts, k, bs, stop=stop, continuous=False)
     runs["continuous"] = lambda: generate(model, tokenizer, texts, k, bs, stop=stop)
     if args.wide:
+        runs[f"plain@{args.wide}"] = lambda: plain(model, tokenizer, texts, k, args.wide, stop)
         runs[f"continuous@{args.wide}"] = lambda: generate(model, tokenizer, texts, k, args.wide, stop=stop)
     # warm-up: first calls pay one-off set-up costs
     generate(model, tokenizer, texts[:2], 2, 2, stop=stop)
@@ -222,7 +220,7 @@ def main() -> None:
           "matter on a near-tie of two tokens)")
     fwd = statistics.median(prefill_floor(model, tokenizer, texts, bs) for _ in range(args.repeats))
     prompt_tokens = [len(tokenizer(t)["input_ids"]) for t in texts]
-    print(f"prefill floor (one batched forward of the {statistics.mean(prompt_tokens):.0f}-token prompts, "
+    print(f"prefill floor (each of the {statistics.mean(prompt_tokens):.0f}-token prompts' forward alone, "
           f"{min(prompt_tokens)}-{max(prompt_tokens)}): {fwd:.1f}s; each runner's time in floors: "
           + ", ".join(f"{name} {med[name] / fwd:.2f}" for name in runs)
           + f". No generator of the same outputs can be more than {med['plain'] / fwd:.2f}x plain generate.")

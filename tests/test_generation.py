@@ -221,3 +221,35 @@ def test_roomy_cache_grows_past_its_room(model, tokenizer, monkeypatch):
     for prompts in (PROMPTS + [header + p for p in PROMPTS[:3]], [header + p for p in PROMPTS]):  # 2nd: shared prefix
         got = generate(model, tokenizer, prompts, max_new_tokens=20, batch_size=3, stop=stop)
         assert got == [plain_generate(model, tokenizer, [p], 20, 1, stop)[0] for p in prompts]
+
+
+def test_packed_prefill_lays_out_the_padded_batch(model, tokenizer, monkeypatch):
+    """Prompts of unequal length are prefilled padding-free (one row, each prompt attending to
+    itself) and re-laid as the left-padded batch: the same keys/values at every real column and the
+    same last logits as the padded prefill, to float rounding; the outputs equal plain generate's."""
+    from cairn.eval import continuous
+    from cairn.eval.generation import _forward_kwargs
+
+    assert continuous.can_prefill_packed(model)
+    encoded = [tokenizer(p)["input_ids"] for p in PROMPTS[:4]]
+    fwd = _forward_kwargs(model)
+    args = (model, encoded.__getitem__, list(range(4)), tokenizer.pad_token_id, torch.device("cpu"), fwd)
+    with torch.no_grad():
+        padded, logits_padded = continuous._prefill(*args, roomy=True)
+        packed, logits_packed = continuous._prefill(*args, roomy=True, packed=True)
+    torch.testing.assert_close(logits_packed, logits_padded, rtol=1e-4, atol=1e-5)
+    assert torch.equal(packed.mask, padded.mask) and torch.equal(packed.pos, padded.pos)
+    real = padded.mask.bool()
+    for a, b in zip(packed.cache.layers, padded.cache.layers):
+        assert a.keys.shape == b.keys.shape
+        for t_a, t_b in ((a.keys, b.keys), (a.values, b.values)):
+            torch.testing.assert_close(t_a.transpose(1, 2)[real], t_b.transpose(1, 2)[real], rtol=1e-4, atol=1e-5)
+            assert t_a.transpose(1, 2)[~real].abs().sum() == 0  # pad columns: masked zeros
+
+    calls = []
+    real_packed = continuous._packed_prefill
+    monkeypatch.setattr(continuous, "_packed_prefill", lambda *a, **k: calls.append(1) or real_packed(*a, **k))
+    stop = _stops(model, tokenizer)
+    got = generate(model, tokenizer, PROMPTS, max_new_tokens=12, batch_size=4, stop=stop)
+    assert calls, "prompts of unequal length must be prefilled padding-free"
+    assert got == [plain_generate(model, tokenizer, [p], 12, 1, stop)[0] for p in PROMPTS]

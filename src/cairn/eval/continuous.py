@@ -21,6 +21,13 @@ Tokens every prompt starts with (few-shot examples, a task's instruction) are co
 then runs only over the prompts' own tokens (GSM8K with two examples: 214 of ~277 tokens shared,
 SmolLM2's tokenizer).
 
+Prompts of unequal length are prefilled padding-free where training packs exactly (llama, qwen2,
+qwen3, mistral; :func:`can_prefill_packed`): laid end to end in one row, each attending only to
+itself, and their keys and values then laid out as the left-padded batch (:func:`_packed_prefill`).
+A padded prefill computes every pad position, and its padding mask keeps attention off the causal
+kernel; with long prompts of spread lengths (TRACE's Py150, MeetingBank, 20Minuten) the prompts'
+forward is most of the time.
+
 The cache's layers are :func:`roomy_layer` s: a decode step writes its column into spare room of a
 buffer instead of ``DynamicLayer``'s concatenation (a copy of the whole cache every step).
 
@@ -190,10 +197,59 @@ class SharedPrefix:
         return cache
 
 
+def can_prefill_packed(model) -> bool:
+    """Whether prompts can be prefilled padding-free (:func:`_packed_prefill`): the model families
+    whose padding-free training is exact (:func:`cairn.train.packing.packing_blocker`), with a cache
+    :func:`can_join` accepts, and not flash-attention 2 (whose packed path is untested here)."""
+    from cairn.train.packing import packing_blocker
+    from cairn.train.setup import hf_model
+
+    hf = hf_model(model)
+    return (can_join(model) and getattr(hf.config, "_attn_implementation", None) in ("sdpa", "eager", None)
+            and packing_blocker(hf, [], sharded=False, stock_path=False) is None)
+
+
+def _packed_prefill(model, own: list[list[int]], device, fwd, roomy: bool):
+    """The prompts' forward padding-free: laid end to end in one row, each attending only to itself
+    (:func:`cairn.train.packing.packed_attention`), positions restarting at 0. Then each prompt's
+    keys and values are laid out as the left-padded batch :func:`_prefill` makes (masked zeros where
+    it has pad columns). Returns the batch's cache and each prompt's last logits.
+
+    Why: a batch of prompts of unequal length is padded to its longest, and with a padding mask
+    attention cannot use the causal kernel; with TRACE's prompts (Py150: 19 to 1,024 tokens) the
+    prompts' forward is most of a run. The values are the same up to the float rounding of a
+    differently shaped product.
+    """
+    from itertools import accumulate
+
+    from cairn.train.packing import packed_attention_enabled
+    from cairn.train.setup import hf_model
+
+    cache_kw, _ = fwd
+    lens = [len(t) for t in own]
+    width, bounds = max(lens), [0, *accumulate(lens)]
+    ids = torch.tensor([[t for row in own for t in row]], device=device)
+    positions = torch.tensor([[p for n in lens for p in range(n)]], device=device)
+    cu = torch.tensor(bounds, dtype=torch.int32, device=device)
+    packed = new_cache(model)
+    with packed_attention_enabled(hf_model(model)):
+        logits = model(input_ids=ids, position_ids=positions, use_cache=True, **{cache_kw: packed},
+                       cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=width, max_length_k=width,
+                       logits_to_keep=cu[1:].long() - 1).logits[0]
+    cache = new_cache(model, roomy)
+    for i, layer in enumerate(packed.layers):
+        keys, values = (t.new_zeros(len(own), t.shape[1], width, t.shape[3]) for t in (layer.keys, layer.values))
+        for b, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+            keys[b, :, width - (end - start):] = layer.keys[0, :, start:end]
+            values[b, :, width - (end - start):] = layer.values[0, :, start:end]
+        cache.update(keys, values, i)
+    return cache, logits
+
+
 def _prefill(model, ids_of: Callable[[int], list[int]], rows: list[int], pad_id: int, device, fwd,
-             prefix: SharedPrefix | None = None, roomy: bool = False):
-    """One forward over the prompts ``rows`` (left-padded together, after the shared prefix if any):
-    their batch and last logits."""
+             prefix: SharedPrefix | None = None, roomy: bool = False, packed: bool = False):
+    """One forward over the prompts ``rows`` (left-padded together, after the shared prefix if any;
+    with ``packed`` and no prefix, padding-free: :func:`_packed_prefill`): their batch and last logits."""
     cache_kw, keep_kw = fwd
     skip = prefix.length if prefix else 0
     own = [ids_of(i)[skip:] for i in rows]
@@ -205,6 +261,9 @@ def _prefill(model, ids_of: Callable[[int], list[int]], rows: list[int], pad_id:
         mask[b, width - len(t):] = 1
     ids, mask = ids.to(device), mask.to(device)
     pos = (skip + mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as generate computes them
+    if packed and not prefix and len(rows) > 1 and min(map(len, own)) < width:
+        cache, logits = _packed_prefill(model, own, device, fwd, roomy)
+        return _Batch(cache, mask, pos[:, -1:], list(rows)), logits
     cache = prefix.cache_for(model, len(rows)) if prefix else new_cache(model, roomy)
     full_mask = torch.cat([mask.new_ones((len(rows), skip)), mask], dim=1) if skip else mask
     logits = model(input_ids=ids, attention_mask=full_mask, position_ids=pos, use_cache=True,
@@ -226,6 +285,7 @@ def greedy_stream(model, ids_of: Callable[[int], list[int]], stream: list[int], 
     """
     device = next(model.parameters()).device
     cache_kw, keep_kw = fwd
+    packed = joinable and can_prefill_packed(model)
     new: dict[int, list[int]] = {i: [] for i in stream}
     pending = deque(stream)
     run: _Batch | None = None
@@ -248,7 +308,7 @@ def greedy_stream(model, ids_of: Callable[[int], list[int]], stream: list[int], 
         while pending and (run is None or len(run.rows) < (batch_size if joinable else 1)):
             free = batch_size - (len(run.rows) if run else 0)
             fresh, logits = _prefill(model, ids_of, [pending.popleft() for _ in range(min(free, len(pending)))],
-                                     pad_id, device, fwd, prefix, roomy=joinable)
+                                     pad_id, device, fwd, prefix, roomy=joinable, packed=packed)
             fresh.select(choose(fresh, logits), cut=False)
             if fresh.rows:
                 if run is None or not run.rows:
