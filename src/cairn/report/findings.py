@@ -261,6 +261,14 @@ def _lora_and_fft(runs: list[Run], strategy: str) -> tuple[list[Run], list[Run]]
                  for t in ("lora", "full"))
 
 
+def _lora_vs_fft(runs: list[Run], strategy: str, claim: str, source: str, what: str, score) -> Finding:
+    """A LoRA-vs-FFT claim on ``strategy``'s plain runs (LoRA − FFT of ``score``), or 'not in this run'."""
+    lo, ff = _lora_and_fft(runs, strategy)
+    if not lo or not ff:
+        return _missing(claim, source, what, f"{strategy} LoRA and FFT methods")
+    return _compare(claim, source, what, lo[0], ff[0], score(lo[0]), score(ff[0]), +1)
+
+
 def _missing(claim, source, what, need: str) -> Finding:
     return Finding(claim, source, what, f"needs {need}", "–", "not in this run")
 
@@ -270,13 +278,9 @@ def evaluate_findings(runs: list[Run]) -> list[Finding]:
     seed_paper = "Lee & Wynter 2024"
     # 1. LoRA forgets less old knowledge than FFT (sequential: Tables 1/2; one-round: Fig. 2)
     for strategy, where in (("sequential", "Tables 1/2"), ("one-round", "Fig. 2")):
-        claim = f"LoRA forgets less old knowledge than FFT ({strategy})"
-        what = "old-knowledge final average x100 (LoRA − FFT > 0)"
-        lo, ff = _lora_and_fft(runs, strategy)
-        if not lo or not ff:
-            out.append(_missing(claim, f"{seed_paper}, {where}", what, f"{strategy} LoRA and FFT methods"))
-            continue
-        out.append(_compare(claim, f"{seed_paper}, {where}", what, lo[0], ff[0], old_final(lo[0]), old_final(ff[0]), +1))
+        out.append(_lora_vs_fft(runs, strategy, f"LoRA forgets less old knowledge than FFT ({strategy})",
+                                f"{seed_paper}, {where}", "old-knowledge final average x100 (LoRA − FFT > 0)",
+                                old_final))
     # 1b. new knowledge, LoRA vs FFT: better acquisition (§4.3), comparable final averages (Figs. 1, 4)
     lo, ff = _lora_and_fft(runs, "sequential")
     src = f"{seed_paper}, §4.3"
@@ -288,14 +292,10 @@ def evaluate_findings(runs: list[Run]) -> list[Finding]:
         out.append(_missing("LoRA acquires more new knowledge than FFT (sequential)", src,
                             "acquisition average x100", "sequential LoRA and FFT methods"))
     for strategy, where in (("sequential", "Fig. 4"), ("one-round", "Fig. 1")):
+        # _similar leaves a 'not in this run' row as it is
         claim = f"LoRA and FFT end comparable on new knowledge ({strategy})"
-        what = "new-knowledge final average x100 (LoRA − FFT ≈ 0)"
-        lo, ff = _lora_and_fft(runs, strategy)
-        if not lo or not ff:
-            out.append(_missing(claim, f"{seed_paper}, {where}", what, f"{strategy} LoRA and FFT methods"))
-            continue
-        out.append(_similar(_compare(claim, f"{seed_paper}, {where}", what, lo[0], ff[0], new_final(lo[0]),
-                                     new_final(ff[0]), +1)))
+        out.append(_similar(_lora_vs_fft(runs, strategy, claim, f"{seed_paper}, {where}",
+                                          "new-knowledge final average x100 (LoRA − FFT ≈ 0)", new_final)))
     # 2. replay retains new knowledge best (fully cooperative)
     any_replay = False
     for tr in ("lora", "full"):
