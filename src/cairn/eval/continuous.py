@@ -220,23 +220,18 @@ def _packed_prefill(model, own: list[list[int]], device, fwd, roomy: bool):
     prompts' forward is most of a run. The values are the same up to the float rounding of a
     differently shaped product.
     """
-    from itertools import accumulate
-
-    from cairn.train.packing import packed_attention_enabled
+    from cairn.train.packing import pack_sequences, packed_attention_enabled, packed_forward_kwargs
     from cairn.train.setup import hf_model
 
     cache_kw, _ = fwd
-    lens = [len(t) for t in own]
-    width, bounds = max(lens), [0, *accumulate(lens)]
-    ids = torch.tensor([[t for row in own for t in row]], device=device)
-    positions = torch.tensor([[p for n in lens for p in range(n)]], device=device)
-    cu = torch.tensor(bounds, dtype=torch.int32, device=device)
+    row = {k: v.to(device) for k, v in pack_sequences(own).items()}
+    cu, width = row["cu_seq_lens"], max(map(len, own))
     packed = new_cache(model)
     with packed_attention_enabled(hf_model(model)):
-        logits = model(input_ids=ids, position_ids=positions, use_cache=True, **{cache_kw: packed},
-                       cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=width, max_length_k=width,
-                       logits_to_keep=cu[1:].long() - 1).logits[0]
+        logits = model(input_ids=row["input_ids"], position_ids=row["position_ids"], use_cache=True,
+                       **{cache_kw: packed}, **packed_forward_kwargs(cu), logits_to_keep=cu[1:].long() - 1).logits[0]
     cache = new_cache(model, roomy)
+    bounds = cu.tolist()
     for i, layer in enumerate(packed.layers):
         keys, values = (t.new_zeros(len(own), t.shape[1], width, t.shape[3]) for t in (layer.keys, layer.values))
         for b, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):

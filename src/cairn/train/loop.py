@@ -64,7 +64,8 @@ from cairn.errors import CairnError, TrainingDiverged
 from cairn.loss_parts import LossPart
 from cairn.train import checkpoint as ckpt
 from cairn.train.embedding_grad import deferred_embedding_grad
-from cairn.train.packing import collate_packed, packed_attention_enabled, packing_blocker
+from cairn.train.packing import (collate_packed, packed_attention_enabled, packed_forward_kwargs,
+                                 packing_blocker)
 from cairn.train.setup import apply_model_settings, frozen_linears_in_bf16, hf_model, restore_model_settings
 
 
@@ -114,11 +115,8 @@ def answer_token_loss(model, batch: dict, *, raw=None, sharded: bool = False, sc
         total = outputs.loss * max(n, 1)
         return total, n, outputs
     if "cu_seq_lens" in batch:  # padding-free row (cairn.train.packing): positions restart per example
-        bounds = batch["cu_seq_lens"]
-        longest = int((bounds[1:] - bounds[:-1]).max())
         outputs = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
-                        cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=longest, max_length_k=longest,
-                        output_hidden_states=True, logits_to_keep=1)
+                        **packed_forward_kwargs(batch["cu_seq_lens"]), output_hidden_states=True, logits_to_keep=1)
     else:
         outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                         output_hidden_states=True, logits_to_keep=1)

@@ -40,25 +40,38 @@ ATTENTION_NAME = "cairn_packed"
 FAMILIES = frozenset({"llama", "qwen2", "qwen3", "mistral"})
 
 
-def collate_packed(batch: list[Encoded]) -> dict[str, torch.Tensor]:
-    """One row holding every example of ``batch`` end to end, with restarting position ids.
-
-    ``cu_seq_lens`` (int32, len(batch)+1) are the example boundaries. The first label of each
-    example is masked: in the row, the previous example's last position would otherwise be trained
-    to predict it (in a padded batch that label is never a target either: position t predicts t+1).
-    """
-    ids, labels, positions, bounds = [], [], [], [0]
-    for e in batch:
-        n = len(e.input_ids)
-        ids.extend(e.input_ids)
-        labels.append(IGNORE_INDEX)
-        labels.extend(e.labels[1:])
-        positions.extend(range(n))
-        bounds.append(bounds[-1] + n)
+def pack_sequences(seqs: list[list[int]]) -> dict[str, torch.Tensor]:
+    """Token sequences end to end in one row: ``input_ids`` and ``position_ids`` (1, total), the
+    positions restarting at 0 for each sequence, and ``cu_seq_lens`` (int32, len(seqs)+1), the
+    sequence boundaries."""
+    ids, positions, bounds = [], [], [0]
+    for seq in seqs:
+        ids.extend(seq)
+        positions.extend(range(len(seq)))
+        bounds.append(bounds[-1] + len(seq))
     return {"input_ids": torch.tensor([ids], dtype=torch.long),
-            "labels": torch.tensor([labels], dtype=torch.long),
             "position_ids": torch.tensor([positions], dtype=torch.long),
-            "cu_seq_lens": torch.tensor(bounds, dtype=torch.int32),
+            "cu_seq_lens": torch.tensor(bounds, dtype=torch.int32)}
+
+
+def packed_forward_kwargs(bounds: torch.Tensor) -> dict:
+    """What a packed row's forward passes besides its ids and positions: the boundaries, read by
+    :func:`packed_attention` (and by transformers' flash-attention 2 varlen path)."""
+    longest = int((bounds[1:] - bounds[:-1]).max())
+    return {"cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": longest, "max_length_k": longest}
+
+
+def collate_packed(batch: list[Encoded]) -> dict[str, torch.Tensor]:
+    """One row holding every example of ``batch`` end to end, with restarting position ids
+    (:func:`pack_sequences`).
+
+    The first label of each example is masked: in the row, the previous example's last position
+    would otherwise be trained to predict it (in a padded batch that label is never a target
+    either: position t predicts t+1).
+    """
+    labels = [t for e in batch for t in (IGNORE_INDEX, *e.labels[1:])]
+    return {**pack_sequences([e.input_ids for e in batch]),
+            "labels": torch.tensor([labels], dtype=torch.long),
             "is_world_knowledge": torch.tensor([e.is_world for e in batch], dtype=torch.bool)}
 
 
