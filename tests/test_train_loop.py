@@ -170,6 +170,68 @@ def test_answer_only_loss_equals_stock_loss(char_tokenizer):
     assert torch.allclose(ours_peft, stock, atol=1e-6)
 
 
+def test_output_layer_bypass_is_exact_and_undone(char_tokenizer):
+    """The model runs with its output layer bypassed (it returns the final hidden states) and the
+    layer is applied to the answer positions only: the loss equals the stock loss for a tied head
+    and for a model that scales its logits after the layer (Granite), to float32 rounding (1e-6);
+    the layer's own forward is back afterwards, also when the forward raises."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    from cairn.train.loop import answer_only_loss
+
+    batch = collate([encode_example(char_tokenizer, ex, 32) for ex in EXAMPLES[:5]], char_tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    granite = GraniteForCausalLM(GraniteConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                               logits_scaling=4.0, pad_token_id=0, eos_token_id=1, bos_token_id=2))
+    tied = make_tiny_llama()
+    tied.config.tie_word_embeddings = True
+    tied.tie_weights()
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    for model in (granite, tied):
+        model.eval()
+        stock = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        ours, outputs = answer_only_loss(model, batch)
+        assert torch.allclose(ours, stock, atol=1e-6), (type(model).__name__, float(ours), float(stock))
+        assert outputs.logits is None  # the hidden states are not handed out as logits
+        assert "forward" not in model.lm_head.__dict__
+    broken = dict(batch, input_ids=batch["input_ids"] + 1000)  # out of the vocabulary: the forward raises
+    with pytest.raises(IndexError):
+        answer_only_loss(tied, broken)
+    assert "forward" not in tied.lm_head.__dict__
+
+
+def test_output_layer_under_bf16_autocast(char_tokenizer):
+    """A frozen tied head gets a bf16 copy for the round (autocast's values: 1e-3 of plain autocast,
+    dropped on exit); a trainable head on CPU runs in float32 (1e-2 of the float32 loss, closer
+    than autocast's bf16 logits need to be)."""
+    from cairn.train.loop import answer_only_loss
+    from cairn.train.setup import _BF16_HEADS, frozen_linears_in_bf16
+
+    batch = collate([encode_example(char_tokenizer, ex, 32) for ex in EXAMPLES[:6]], char_tokenizer.pad_token_id)
+    base = make_tiny_llama()
+    base.config.tie_word_embeddings = True
+    base.tie_weights()
+    with torch.no_grad():
+        exact, _ = answer_only_loss(base, batch)
+    lora = add_lora_adapter(base, LoraConfig(r=4, alpha=8, dropout=0.0), 1, 0)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain, _ = answer_only_loss(lora, batch)
+        with frozen_linears_in_bf16(lora):
+            assert len(_BF16_HEADS) == 1
+            held, _ = answer_only_loss(lora, batch)
+    assert len(_BF16_HEADS) == 0
+    assert abs(float(plain) - float(held)) < 1e-3, (float(plain), float(held))
+    full = make_full_trainable(make_tiny_llama())
+    with torch.no_grad():
+        exact, _ = answer_only_loss(full, batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed, _ = answer_only_loss(full, batch)
+        mixed.backward()
+    assert mixed.dtype == torch.float32 and full.lm_head.weight.grad.dtype == torch.float32
+    assert abs(float(mixed) - float(exact)) < 1e-2 * float(exact)
+
+
 def test_log_fn_gets_every_term_lr_and_throughput(char_tokenizer):
     seen = []
     model = make_full_trainable(make_tiny_llama())

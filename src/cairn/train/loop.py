@@ -53,7 +53,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -63,10 +63,12 @@ from cairn.data.encode import IGNORE_INDEX, collate, encode_example
 from cairn.errors import CairnError, TrainingDiverged
 from cairn.loss_parts import LossPart
 from cairn.train import checkpoint as ckpt
+from cairn.train.cpu_allocator import keep_freed_memory
 from cairn.train.embedding_grad import deferred_embedding_grad
 from cairn.train.packing import (collate_packed, packed_attention_enabled, packed_forward_kwargs,
                                  packing_blocker)
-from cairn.train.setup import apply_model_settings, frozen_linears_in_bf16, hf_model, restore_model_settings
+from cairn.train.setup import (apply_model_settings, frozen_linears_in_bf16, hf_model, output_layer_weight,
+                               restore_model_settings)
 
 
 @dataclass
@@ -85,22 +87,71 @@ class TrainResult:
 
 
 def _stock_path(model) -> bool:
-    """Models whose loss must come from their own forward (soft-capped logits, router aux loss)."""
+    """Models whose loss must come from their own forward (soft-capped logits, router aux loss, an
+    output layer that is offloaded behind an Accelerate hook or adds a bias before a logit scale)."""
     config = getattr(model, "config", None)
+    head = model.get_output_embeddings()
     return bool(getattr(config, "final_logit_softcapping", None) or getattr(config, "output_router_logits", False)
-                or model.get_output_embeddings() is None)
+                or head is None or hasattr(head, "_hf_hook")
+                or (getattr(head, "bias", None) is not None
+                    and (getattr(config, "logits_scaling", None) or getattr(config, "logit_scale", None))))
 
 
-def answer_token_loss(model, batch: dict, *, raw=None, sharded: bool = False, scale_items: float | None = None):
+def _pass_through(hidden):
+    return hidden
+
+
+@contextlib.contextmanager
+def _output_layer_bypassed(head) -> Iterator[None]:
+    """While inside, ``head`` returns its input: the model's forward hands back its final hidden
+    states (after any linear logit scale, e.g. Granite's, Cohere's) in place of logits."""
+    own = head.__dict__.get("forward")
+    head.forward = _pass_through  # an instance attribute shadows the class's forward
+    try:
+        yield
+    finally:
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
+
+
+def _answer_logits(head, hidden):
+    """The output layer on the answer positions.
+
+    A frozen tied head under bf16 autocast multiplies by the round's bf16 copy of its weight
+    (:func:`frozen_linears_in_bf16`): autocast's values without casting it each micro-step. A
+    trainable float32 head on a CPU runs in float32 outside autocast: the answer positions are few,
+    and autocast would cast the vocabulary-sized weight to bf16 forward and its gradient back to
+    float32 backward every micro-step (~0.14 s of a ~1.3 s full fine-tuning step of SmolLM2-135M on
+    2 CPU cores); from ~300 answer tokens per micro-batch on, bf16 matmuls would win it back.
+    Elsewhere (GPUs: casts are cheap), autocast decides as in the model's own forward.
+    """
+    import torch.nn.functional as F
+
+    weight = output_layer_weight(head)
+    if weight is not head.weight:
+        return F.linear(hidden.to(weight.dtype), weight, None if head.bias is None else head.bias.to(weight.dtype))
+    if (hidden.device.type == "cpu" and torch.is_autocast_enabled("cpu") and weight.requires_grad
+            and weight.dtype == torch.float32):
+        with torch.autocast("cpu", enabled=False):
+            return head(hidden.float())
+    return head(hidden)
+
+
+def answer_token_loss(model, batch: dict, *, raw=None, sharded: bool = False):
     """``(sum of answer-token cross-entropy, number of answer tokens, outputs)`` for one micro-batch.
 
     The stock ``model(..., labels=...)`` projects every position onto the vocabulary (for SmolLM2,
     49k x 576 per token: about a fifth of the forward) although only the few answer tokens carry
-    loss. Here the backbone runs once (through ``model``, the possibly DDP-wrapped module, so its
-    gradient hooks are armed), the final hidden states at positions whose next token is a label are
-    gathered, and only those go through the output layer of ``raw`` (the unwrapped model). Models
-    with logit soft-capping or router aux losses, and sharded models (FSDP/ZeRO-3, whose output
-    layer is only materialised inside the forward), use the stock path with a summed loss.
+    loss. Here the model runs (through ``model``, the possibly DDP-wrapped module, so its gradient
+    hooks are armed) with its output layer bypassed, so it returns the final hidden states; those
+    at positions whose next token is a label go through the output layer of ``raw`` (the unwrapped
+    model). Neither ``output_hidden_states`` nor a kept last-position logit is asked for: each
+    cost a vocabulary-sized matmul (and, under autocast, a cast of the whole output layer) per
+    micro-batch. ``outputs.logits`` is None on this path. Models with logit soft-capping or router
+    aux losses, and sharded models (FSDP/ZeRO-3, whose output layer is only materialised inside the
+    forward), use the stock path with a summed loss.
     """
     import torch.nn.functional as F
 
@@ -114,14 +165,16 @@ def answer_token_loss(model, batch: dict, *, raw=None, sharded: bool = False, sc
                         num_items_in_batch=max(n, 1))
         total = outputs.loss * max(n, 1)
         return total, n, outputs
-    if "cu_seq_lens" in batch:  # padding-free row (cairn.train.packing): positions restart per example
-        outputs = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
-                        **packed_forward_kwargs(batch["cu_seq_lens"]), output_hidden_states=True, logits_to_keep=1)
-    else:
-        outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        output_hidden_states=True, logits_to_keep=1)
-    hidden = outputs.hidden_states[-1][:, :-1]           # position t predicts token t+1
-    logits = raw.get_output_embeddings()(hidden[keep])
+    head = raw.get_output_embeddings()
+    with _output_layer_bypassed(head):
+        if "cu_seq_lens" in batch:  # padding-free row (cairn.train.packing): positions restart per example
+            outputs = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                            **packed_forward_kwargs(batch["cu_seq_lens"]))
+        else:
+            outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    hidden = outputs.logits[:, :-1]                      # position t predicts token t+1
+    outputs.logits = None
+    logits = _answer_logits(head, hidden[keep])
     total = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
     return total, n, outputs
 
@@ -258,6 +311,8 @@ def train(
     loss_parts = list(loss_parts)
     torch.manual_seed(seed)
     accelerator = _accelerator(cfg)
+    if accelerator.device.type == "cpu":
+        keep_freed_memory()  # cairn.train.cpu_allocator: no page faults on each step's re-allocations
     world, rank = accelerator.num_processes, accelerator.process_index
     main = accelerator.is_main_process
     say = log if main else (lambda s: None)

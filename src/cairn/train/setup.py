@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import weakref
 from typing import Iterator
 
 import torch
@@ -68,6 +69,11 @@ def restore_model_settings(model, undo: dict) -> None:
         hf.set_attn_implementation(undo["attn"])
 
 
+# Output layers whose frozen float32 weight is tied to the input embedding, mapped to a bf16 copy
+# held for the round by :func:`frozen_linears_in_bf16` (read by :func:`output_layer_weight`).
+_BF16_HEADS: "weakref.WeakKeyDictionary[nn.Module, torch.Tensor]" = weakref.WeakKeyDictionary()
+
+
 @contextlib.contextmanager
 def frozen_linears_in_bf16(model: nn.Module) -> Iterator[int]:
     """Hold frozen float32 ``nn.Linear`` weights in bf16 while inside; restore them on exit.
@@ -76,18 +82,33 @@ def frozen_linears_in_bf16(model: nn.Module) -> Iterator[int]:
     cast only for weights that require grad, so a frozen base is re-cast every forward. Casting it
     once gives the matmuls the very same bf16 values. Weights shared with an embedding (tied output
     layer) are left alone: an embedding lookup is not autocast, so casting it would change values.
+    Such a tied, frozen output layer gets a bf16 COPY for the round instead (vocab x hidden x 2
+    bytes): re-casting SmolLM2's 49k x 576 head every micro-step took ~12% of a LoRA bf16 step on a
+    2-core CPU. :func:`cairn.train.loop.answer_token_loss` multiplies by it, same values as autocast.
     """
     embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     saved: list[tuple[nn.Parameter, torch.Tensor]] = []
+    heads: list[nn.Module] = []
     for module in model.modules():
         if type(module) is nn.Linear:
             for p in (module.weight, module.bias):
-                if (p is not None and not p.requires_grad and p.dtype == torch.float32
-                        and id(p) not in embedding_weights):
+                if p is None or p.requires_grad or p.dtype != torch.float32:
+                    continue
+                if id(p) not in embedding_weights:
                     saved.append((p, p.data))
                     p.data = p.data.to(torch.bfloat16)
+                elif p is module.weight:
+                    _BF16_HEADS[module] = p.detach().to(torch.bfloat16)
+                    heads.append(module)
     try:
         yield len(saved)
     finally:
         for p, original in saved:
             p.data = original
+        for module in heads:
+            _BF16_HEADS.pop(module, None)
+
+
+def output_layer_weight(head: nn.Module) -> torch.Tensor:
+    """The weight an output layer multiplies by now: its round-long bf16 copy, else its own."""
+    return _BF16_HEADS.get(head, head.weight)
