@@ -232,6 +232,26 @@ def test_output_layer_under_bf16_autocast(char_tokenizer):
     assert abs(float(mixed) - float(exact)) < 1e-2 * float(exact)
 
 
+def test_adapter_input_casts_off_is_exact_under_autocast(char_tokenizer):
+    """Skipping PEFT's cast of bf16 activations to the float32 adapter dtype is an exact round trip
+    under autocast: the same loss bit for bit, and PEFT's switch is restored afterwards."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from cairn.train.loop import answer_only_loss
+    from cairn.train.setup import adapter_input_casts_off
+
+    model = add_lora_adapter(make_tiny_llama(), LoraConfig(r=4, alpha=8, dropout=0.0), 1, 0)
+    batch = collate([encode_example(char_tokenizer, ex, 32) for ex in EXAMPLES[:6]], char_tokenizer.pad_token_id)
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        cast, _ = answer_only_loss(model, batch)
+        with adapter_input_casts_off(model):
+            assert not any(m.cast_input_dtype_enabled for m in layers)
+            skipped, _ = answer_only_loss(model, batch)
+    assert all(m.cast_input_dtype_enabled for m in layers)
+    assert torch.equal(cast, skipped)
+
+
 def test_log_fn_gets_every_term_lr_and_throughput(char_tokenizer):
     seen = []
     model = make_full_trainable(make_tiny_llama())

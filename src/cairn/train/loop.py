@@ -67,8 +67,8 @@ from cairn.train.cpu_allocator import keep_freed_memory
 from cairn.train.embedding_grad import deferred_embedding_grad
 from cairn.train.packing import (collate_packed, packed_attention_enabled, packed_forward_kwargs,
                                  packing_blocker)
-from cairn.train.setup import (apply_model_settings, frozen_linears_in_bf16, hf_model, output_layer_weight,
-                               restore_model_settings)
+from cairn.train.setup import (adapter_input_casts_off, apply_model_settings, frozen_linears_in_bf16, hf_model,
+                               output_layer_weight, restore_model_settings)
 
 
 @dataclass
@@ -364,6 +364,9 @@ def train(
         bar = tqdm(total=steps, initial=start, desc="train", unit="step", leave=False)
     cast = frozen_linears_in_bf16(raw) if (precision != "float32" and cfg.base_dtype == "float32" and not sharded) \
         else contextlib.nullcontext()
+    # under autocast every adapter matmul casts its input to bf16 anyway: PEFT's own cast of bf16
+    # inputs to the float32 adapter dtype first is an exact round trip, two copies per layer each way
+    adapter_casts = adapter_input_casts_off(raw) if precision != "float32" else contextlib.nullcontext()
     blocker = packing_blocker(hf_model(raw), loss_parts, sharded=sharded, stock_path=_stock_path(raw)) \
         if cfg.packing else None
     packed = cfg.packing and blocker is None
@@ -385,7 +388,7 @@ def train(
         running = {k: (v if rank == 0 else 0.0) for k, v in resumed["running"].items()}
         running_n, log_tokens, log_targets = resumed["running_n"], resumed["log_tokens"], resumed["log_targets"]
     try:
-        with cast, packing, embedding_grad as embedding_sinks:
+        with cast, adapter_casts, packing, embedding_grad as embedding_sinks:
             for step in range(start, steps):
                 micro_ids = [batches[step * cfg.grad_accum + m] for m in range(cfg.grad_accum)]
                 step_targets = sum(n_targets[i] for idx in micro_ids for i in idx)

@@ -112,3 +112,18 @@ def frozen_linears_in_bf16(model: nn.Module) -> Iterator[int]:
 def output_layer_weight(head: nn.Module) -> torch.Tensor:
     """The weight an output layer multiplies by now: its round-long bf16 copy, else its own."""
     return _BF16_HEADS.get(head, head.weight)
+
+
+@contextlib.contextmanager
+def adapter_input_casts_off(model: nn.Module) -> Iterator[None]:
+    """Under bf16 autocast: PEFT adapters skip casting their input to the adapter's float32 dtype.
+
+    Autocast casts every matmul input to bf16, so PEFT's cast of a bf16 activation (the input of
+    ``o_proj``, ``down_proj``) to float32 is undone right after: an exact round trip costing two
+    activation-sized copies forward and two backward per adapted layer. Only for autocast rounds:
+    without autocast the cast is what makes a bf16 activation meet float32 adapter weights.
+    """
+    from peft.helpers import disable_input_dtype_casting
+
+    with disable_input_dtype_casting(model):
+        yield
