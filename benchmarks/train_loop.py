@@ -240,12 +240,12 @@ def speed(args) -> None:
     print(f"data: {len(examples)} SFT examples, {min(lens)}-{max(lens)} tokens (mean {statistics.mean(lens):.0f}), "
           f"padded batches {100 * pads:.0f}% pads; "
           f"batch {args.batch_size}, {args.steps} steps, threads {torch.get_num_threads()}", flush=True)
-    from cairn.train.cpu_allocator import keep_freed_memory
+    from cairn.cpu_allocator import keep_freed_memory
 
     # cairn sets this for itself when it trains on a CPU; the setting is process-wide, so it is set
     # here for every runner alike: the ratios compare the loops, not the allocator
     if keep_freed_memory():
-        print("glibc keeps freed memory for every runner (cairn.train.cpu_allocator)", flush=True)
+        print("glibc keeps freed memory for every runner (cairn.cpu_allocator)", flush=True)
     roofs = {"bf16": matmul_roofline(torch.bfloat16), "fp32": matmul_roofline(torch.float32)}
     print(f"matmul rate measured now: bf16 {roofs['bf16'] / 1e9:.1f} GFLOP/s, fp32 {roofs['fp32'] / 1e9:.1f} GFLOP/s "
           f"(CPU capability {torch.backends.cpu.get_cpu_capability()}; without AVX512-BF16/AMX, bf16 matmuls are "

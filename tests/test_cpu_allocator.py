@@ -1,4 +1,4 @@
-"""cairn.train.cpu_allocator: the glibc settings apply once on Linux/glibc and can be turned off."""
+"""cairn.cpu_allocator: the glibc settings apply once on Linux/glibc and can be turned off."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-SNIPPET = "from cairn.train.cpu_allocator import keep_freed_memory as k; print(k(), k())"
+SNIPPET = "from cairn.cpu_allocator import keep_freed_memory as k; print(k(), k())"
 
 
 def _run(env_value: str | None) -> str:

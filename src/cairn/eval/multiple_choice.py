@@ -53,6 +53,8 @@ from typing import Sequence
 
 import torch
 
+from cairn.cpu_allocator import keep_freed_memory
+
 Pair = tuple[str, str]
 
 
@@ -189,6 +191,8 @@ def score_pairs(
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     device = next(model.parameters()).device
+    if device.type == "cpu":
+        keep_freed_memory()  # cairn.cpu_allocator: no page faults on each batch's re-allocations
     max_len = _model_max_length(model)
     prefix_id = prefix_token_id(tokenizer)
     vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else 1

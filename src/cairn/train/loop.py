@@ -63,7 +63,7 @@ from cairn.data.encode import IGNORE_INDEX, collate, encode_example
 from cairn.errors import CairnError, TrainingDiverged
 from cairn.loss_parts import LossPart
 from cairn.train import checkpoint as ckpt
-from cairn.train.cpu_allocator import keep_freed_memory
+from cairn.cpu_allocator import keep_freed_memory
 from cairn.train.embedding_grad import deferred_embedding_grad
 from cairn.train.packing import (collate_packed, packed_attention_enabled, packed_forward_kwargs,
                                  packing_blocker)
@@ -312,7 +312,7 @@ def train(
     torch.manual_seed(seed)
     accelerator = _accelerator(cfg)
     if accelerator.device.type == "cpu":
-        keep_freed_memory()  # cairn.train.cpu_allocator: no page faults on each step's re-allocations
+        keep_freed_memory()  # cairn.cpu_allocator: no page faults on each step's re-allocations
     world, rank = accelerator.num_processes, accelerator.process_index
     main = accelerator.is_main_process
     say = log if main else (lambda s: None)
