@@ -88,7 +88,8 @@ def _float32_attention_on_cpu(query: torch.Tensor) -> bool:
         return False
     if not (torch.is_autocast_enabled("cpu") or query.dtype == torch.bfloat16):
         return False
-    return not torch.cpu._is_amx_tile_supported()
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private torch API: absent means unknown
+    return not (amx is not None and amx())
 
 
 def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
