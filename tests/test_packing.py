@@ -75,17 +75,20 @@ def test_packed_loss_and_gradients_equal_padded(char_tokenizer, family, trainabl
         torch.testing.assert_close(packed[2][k], g, rtol=1e-4, atol=1e-6, msg=k)
 
 
-def test_packed_attention_runs_float32_on_cpus_without_amx(char_tokenizer, monkeypatch):
-    """Under bf16 autocast on a CPU without AMX the per-example attention runs in float32 (autocast
-    off) and hands back bf16, as autocast would; the loss agrees with the float32 loss to bf16
-    rounding (2e-2 relative) either way. With AMX reported, it stays in bf16."""
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_training_attention_runs_float32_on_cpus_without_amx(char_tokenizer, monkeypatch, layout):
+    """Training under bf16 autocast on a CPU without AMX: attention (per example in a packed row,
+    or transformers' SDPA on a padded batch) runs in float32 with autocast off and hands back bf16,
+    as autocast would; the loss agrees with the float32 loss to bf16 rounding (2e-2 relative). With
+    AMX reported, or without grad (generation), autocast keeps it in bf16."""
+    from transformers.integrations import sdpa_attention
+
     enc = _encoded(char_tokenizer)
     model = make_tiny_llama()
-    batch = collate_packed(enc)
+    batch = collate_packed(enc) if layout == "packed" else collate(enc, char_tokenizer.pad_token_id)
     with torch.no_grad(), packed_attention_enabled(model):
         exact = answer_token_loss(model, batch)[0]
     seen = []
-    from transformers.integrations import sdpa_attention
 
     def spy(module, query, *args, **kwargs):
         seen.append((query.dtype, torch.is_autocast_enabled("cpu")))
@@ -94,13 +97,28 @@ def test_packed_attention_runs_float32_on_cpus_without_amx(char_tokenizer, monke
     original = sdpa_attention.sdpa_attention_forward
     monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", spy)
     # with autocast on, torch casts the kernel's inputs to bf16 (whatever dtype they reach it in)
-    for amx, expected in ((False, (torch.float32, False)), (True, (torch.float32, True))):
+    for amx, grad, expected in ((False, True, (torch.float32, False)), (True, True, (torch.float32, True)),
+                                (False, False, (torch.float32, True))):
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
         seen.clear()
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), packed_attention_enabled(model):
+        with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16), \
+                packed_attention_enabled(model):
             mixed = answer_token_loss(model, batch)[0]
-        assert seen and set(seen) == {expected}, (amx, set(seen))
+        assert seen and set(seen) == {expected}, (amx, grad, set(seen))
         assert abs(float(mixed) - float(exact)) < 2e-2 * float(exact), (amx, float(mixed), float(exact))
+
+
+def test_padded_bf16_rounds_on_cpu_take_the_float32_attention(monkeypatch):
+    from cairn.train.packing import float32_attention_round
+
+    model = make_tiny_llama()
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert float32_attention_round(model, cpu, True)
+    assert not float32_attention_round(model, cpu, False)  # float32 rounds: nothing to gain
+    assert not float32_attention_round(model, torch.device("meta"), True)  # not a CPU
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert not float32_attention_round(model, cpu, True)
 
 
 def test_examples_in_a_row_do_not_see_each_other(char_tokenizer):

@@ -65,8 +65,8 @@ from cairn.loss_parts import LossPart
 from cairn.train import checkpoint as ckpt
 from cairn.cpu_allocator import keep_freed_memory
 from cairn.train.embedding_grad import deferred_embedding_grad
-from cairn.train.packing import (collate_packed, packed_attention_enabled, packed_forward_kwargs,
-                                 packing_blocker)
+from cairn.train.packing import (collate_packed, float32_attention_round, packed_attention_enabled,
+                                 packed_forward_kwargs, packing_blocker)
 from cairn.train.setup import (adapter_input_casts_off, apply_model_settings, frozen_linears_in_bf16, hf_model,
                                output_layer_weight, restore_model_settings)
 
@@ -372,7 +372,9 @@ def train(
     packed = cfg.packing and blocker is None
     if blocker:
         say(f"training on padded micro-batches (training.packing): {blocker}")
-    packing = packed_attention_enabled(hf_model(raw)) if packed else contextlib.nullcontext()
+    # padded bf16 rounds on a CPU take the same attention function for its float32 kernel
+    cairn_attention = packed or float32_attention_round(hf_model(raw), accelerator.device, precision != "float32")
+    packing = packed_attention_enabled(hf_model(raw)) if cairn_attention else contextlib.nullcontext()
     # in one unsharded process, a trainable embedding's gradient is added in place after backward
     # (cairn.train.embedding_grad: no dense vocab-sized buffer per step)
     embedding_grad = deferred_embedding_grad(raw, enabled=world == 1 and not sharded and not deepspeed)

@@ -82,40 +82,59 @@ def _float32_attention_on_cpu(query: torch.Tensor) -> bool:
     float32 at SFT example lengths (60-160 tokens, 9 heads of 64, GQA) on an AVX512-BF16 CPU
     without AMX; it accumulates in float32 either way, so float32 is also the more exact. With AMX
     tiles torch's bf16 kernels use them, so there (untested here) attention stays in bf16. Decided by
-    the CPU's features only, so a run and its resume take the same path.
+    the CPU's features only, so a run and its resume take the same path. Training only (grad
+    enabled): generation's padding-free prefill keeps the kernel plain ``generate`` would run.
     """
-    if query.device.type != "cpu":
+    if query.device.type != "cpu" or not torch.is_grad_enabled():
         return False
     if not (torch.is_autocast_enabled("cpu") or query.dtype == torch.bfloat16):
         return False
+    return not _cpu_has_amx()
+
+
+def _cpu_has_amx() -> bool:
     amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private torch API: absent means unknown
-    return not (amx is not None and amx())
+    return bool(amx is not None and amx())
 
 
 def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                      is_causal=None, **kwargs):
-    """Causal SDPA on each example's slice of a packed row (query/key/value: (1, heads, L, dim))."""
+    """Causal SDPA on each example's slice of a packed row (query/key/value: (1, heads, L, dim));
+    a padded batch (no ``cu_seq_lens_q``) goes to transformers' SDPA as it is. On a CPU either runs
+    in float32 where :func:`_float32_attention_on_cpu` says so."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     bounds = kwargs.pop("cu_seq_lens_q", None)
-    if bounds is None or query.shape[0] != 1:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, is_causal=is_causal, **kwargs)
-    kwargs.pop("cu_seq_lens_k", None)
     dtype = value.dtype
     upcast = _float32_attention_on_cpu(query)
     if upcast:
         query, key, value = query.float(), key.float(), value.float()
-    cuts = bounds.tolist()
-    outs = []
+        if attention_mask is not None and attention_mask.is_floating_point():
+            attention_mask = attention_mask.float()
     # CPU autocast would cast the kernel's inputs back to bf16
     with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():
+        if bounds is None or query.shape[0] != 1:
+            out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                                  scaling=scaling, is_causal=is_causal, **kwargs)
+            return out.to(dtype), weights
+        kwargs.pop("cu_seq_lens_k", None)
+        cuts = bounds.tolist()
+        outs = []
         for start, end in zip(cuts[:-1], cuts[1:]):
             out, _ = sdpa_attention_forward(module, query[:, :, start:end], key[:, :, start:end],
                                             value[:, :, start:end], None, dropout=dropout, scaling=scaling,
                                             is_causal=True)
             outs.append(out)  # (1, n, heads, dim)
     return torch.cat(outs, dim=1).to(dtype), None
+
+
+def float32_attention_round(model, device: torch.device, autocast_bf16: bool) -> bool:
+    """Whether a padded bf16-autocast round on a CPU should route attention through
+    :func:`packed_attention` anyway, for its float32 kernel (a family whose attention goes through
+    transformers' AttentionInterface, on SDPA, on a CPU without AMX)."""
+    config = getattr(model, "config", None)
+    return (device.type == "cpu" and autocast_bf16 and getattr(config, "model_type", None) in FAMILIES
+            and getattr(config, "_attn_implementation", None) in ("sdpa", None) and not _cpu_has_amx())
 
 
 def _register() -> None:
