@@ -36,6 +36,9 @@ Accelerate, launched with ``torchrun`` or ``accelerate launch``):
   frozen Linear weights are held in bf16 for the round (speed: autocast would cast them on every
   forward, as it caches casts of trainable weights only) and restored afterwards; the matmuls see
   the same bf16 values either way. ``base_dtype: bfloat16`` keeps them in bf16 for good (memory).
+  PEFT's cast of adapter inputs to float32 is skipped then (autocast casts them back: exact);
+- on a CPU, glibc keeps freed memory (:mod:`cairn.cpu_allocator`), and without AMX a bf16 round's
+  attention runs in float32 (:mod:`cairn.train.packing`): both measured, see the README;
 - AdamW is torch's fused kernel (see :func:`make_optimizer`);
 - in one unsharded process, a trainable input embedding's gradient is added to ``.grad`` in place
   after each backward (:mod:`cairn.train.embedding_grad`) instead of through a vocab-sized dense
