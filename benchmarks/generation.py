@@ -242,12 +242,12 @@ def main() -> None:
     print("differ: outputs unlike plain generate's (float rounding of differently shaped batches can only "
           "matter on a near-tie of two tokens)")
     fwd = statistics.median(prefill_floor(model, tokenizer, texts, bs) for _ in range(args.repeats))
-    prompt_tokens = [len(tokenizer(t)["input_ids"]) for t in texts]
+    ids = [tokenizer(t)["input_ids"] for t in texts]
+    prompt_tokens = [len(one) for one in ids]
     print(f"prefill floor (the {statistics.mean(prompt_tokens):.0f}-token prompts' forward without padding, "
           f"{min(prompt_tokens)}-{max(prompt_tokens)} tokens): {fwd:.1f}s; each runner's time in floors: "
           + ", ".join(f"{name} {med[name] / fwd:.2f}" for name in runs)
           + f". No generator of the same outputs can be more than {med['plain'] / fwd:.2f}x plain generate.")
-    ids = [tokenizer(t)["input_ids"] for t in texts]
     shared = next((i for i, col in enumerate(zip(*ids)) if len(set(col)) > 1), min(map(len, ids)))
     if shared:
         print(f"the prompts share their first {shared} tokens, which cairn computes once: its time can be "

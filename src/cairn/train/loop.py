@@ -62,11 +62,11 @@ import torch
 
 from cairn import dist
 from cairn.config import TrainingConfig
+from cairn.cpu_allocator import keep_freed_memory
 from cairn.data.encode import IGNORE_INDEX, collate, encode_example
 from cairn.errors import CairnError, TrainingDiverged
 from cairn.loss_parts import LossPart
 from cairn.train import checkpoint as ckpt
-from cairn.cpu_allocator import keep_freed_memory
 from cairn.train.embedding_grad import deferred_embedding_grad
 from cairn.train.packing import (collate_packed, float32_attention_round, packed_attention_enabled,
                                  packed_forward_kwargs, packing_blocker)
