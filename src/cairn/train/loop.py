@@ -40,6 +40,8 @@ Accelerate, launched with ``torchrun`` or ``accelerate launch``):
 - on a CPU, glibc keeps freed memory (:mod:`cairn.cpu_allocator`), and without AMX a bf16 round's
   attention runs in float32 (:mod:`cairn.train.packing`): both measured, see the README;
 - AdamW is torch's fused kernel (see :func:`make_optimizer`);
+- unsharded PEFT LoRA linears run as one autograd node each (:mod:`cairn.train.fused_lora`: the
+  adapter scaled on its r columns and accumulated into the output by the matmul);
 - in one unsharded process, a trainable input embedding's gradient is added to ``.grad`` in place
   after each backward (:mod:`cairn.train.embedding_grad`) instead of through a vocab-sized dense
   buffer per step;
@@ -68,6 +70,7 @@ from cairn.errors import CairnError, TrainingDiverged
 from cairn.loss_parts import LossPart
 from cairn.train import checkpoint as ckpt
 from cairn.train.embedding_grad import deferred_embedding_grad
+from cairn.train.fused_lora import fused_lora_linears
 from cairn.train.packing import (collate_packed, float32_attention_round, packed_attention_enabled,
                                  packed_forward_kwargs, packing_blocker)
 from cairn.train.setup import (adapter_input_casts_off, apply_model_settings, frozen_linears_in_bf16, hf_model,
@@ -381,6 +384,8 @@ def train(
     # in one unsharded process, a trainable embedding's gradient is added in place after backward
     # (cairn.train.embedding_grad: no dense vocab-sized buffer per step)
     embedding_grad = deferred_embedding_grad(raw, enabled=world == 1 and not sharded and not deepspeed)
+    # LoRA linears as one autograd node each (cairn.train.fused_lora); sharded weights keep PEFT's forward
+    lora_nodes = fused_lora_linears(raw) if not sharded else contextlib.nullcontext()
     t0 = t_log = time.perf_counter()
     running: dict[str, float] = {}
     running_n, log_tokens, log_targets = 0, 0, 0
@@ -393,7 +398,7 @@ def train(
         running = {k: (v if rank == 0 else 0.0) for k, v in resumed["running"].items()}
         running_n, log_tokens, log_targets = resumed["running_n"], resumed["log_tokens"], resumed["log_targets"]
     try:
-        with cast, adapter_casts, packing, embedding_grad as embedding_sinks:
+        with cast, adapter_casts, packing, lora_nodes, embedding_grad as embedding_sinks:
             for step in range(start, steps):
                 micro_ids = [batches[step * cfg.grad_accum + m] for m in range(cfg.grad_accum)]
                 step_targets = sum(n_targets[i] for idx in micro_ids for i in idx)
