@@ -4,8 +4,10 @@ All three train the same model on the same batches in the same order (fresh LoRA
 lr, AdamW, clipping, answer-only loss, no warmup) on the same SFT-shaped data: an instruction and a
 few solved examples as the prompt (~60-160 tokens, masked) and a short answer. They alternate in
 rounds (A B C, C B A, ...) so machine noise hits all alike; the script prints non-padding tokens/s
-of each, the ratios cairn / Trainer+PEFT and cairn / plain loop, each run's peak RSS, and the share
-of the bf16 matmul roofline, measured in the same process, that cairn's training FLOPs reach
+of each, the ratios cairn / Trainer+PEFT and cairn / plain loop (and cairn / Trainer+PEFT per
+repeat, with its range: the spread says how far the machine's noise moves the ratio), each run's
+peak RSS, and the share of the bf16 matmul roofline, measured in the same process, that cairn's
+training FLOPs reach
 (LoRA: 4 x matmul params per token, full: 6 x; the output layer is left out). With a CUDA GPU it
 prints MFU against the GPU's measured bf16 matmul rate the same way.
 
@@ -290,6 +292,11 @@ def speed(args) -> None:
                 f"{med['cairn'] / med['plain']:.2f}x | after the first step: cairn/Trainer = "
                 f"{med_s['cairn'] / med_s['trainer']:.2f}x, cairn/plain = {med_s['cairn'] / med_s['plain']:.2f}x, "
                 f"packing gives {med_s['cairn'] / med_s['cairn-padded']:.2f}x")
+        # each repeat's cairn and Trainer ran minutes apart at most: their ratio is less exposed to the
+        # machine's drift than a ratio of medians; the spread shows how much the noise moves it
+        pairs = sorted(c / t for c, t in zip(steady["cairn"], steady["trainer"]))
+        line += (f"; per-repeat cairn/Trainer after the first step: median {statistics.median(pairs):.2f}x "
+                 f"(range {pairs[0]:.2f}-{pairs[-1]:.2f}x)")
         line += (f"; peak RSS GiB cairn {peaks['cairn'] / 2**30:.2f} / Trainer {peaks['trainer'] / 2**30:.2f} / "
                  f"plain {peaks['plain'] / 2**30:.2f}; {'MFU' if torch.cuda.is_available() else 'roofline share'} "
                  f"{100 * share:.0f}% of bf16 matmul, {100 * share_own:.0f}% of this precision's")

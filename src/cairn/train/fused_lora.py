@@ -4,9 +4,9 @@ LoRA (Hu et al. 2022, arXiv:2106.09685) computes ``y = x Wᵀ + b + Σᵢ sᵢ �
 ``lora.Linear.forward`` writes that as separate modules and tensor ops: the base product, then per
 adapter ``lora_B(lora_A(x)) * scaling`` and an out-of-place add. Under autograd that is 5-6 nodes
 per adapted layer, a scaling multiply of the whole ``(tokens, out)`` output forward and again
-backward, an output-sized add, and the input gradient summed from two paths. On a CPU, in a LoRA
-step of SmolLM2-135M, those element-wise passes and the nodes' overhead cost more than the rank-8
-matmuls themselves.
+backward, an output-sized add, and the input gradient summed from two paths. Fusing them made a
+LoRA bf16 forward + backward of SmolLM2-135M 1.035x faster on a 2-core CPU (16 alternating repeats
+in one process; ~1.0-1.03x in float32): small, and exact to float rounding.
 
 While a round trains, :func:`fused_lora_linears` gives each eligible PEFT ``lora.Linear`` a
 forward that runs :class:`_FusedLoraLinear` instead, with the same math and explicit products:
