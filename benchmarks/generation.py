@@ -69,8 +69,10 @@ def trace_prompts(data: str, task: str, n: int, max_prompt_tokens: int, tokenize
     from cairn.config import TaskConfig
     from cairn.data.tasks import load_task
 
-    loaded = load_task(TaskConfig(name=task, format="trace", path=f"trace/{task}", metric="accuracy", max_train=1,
-                                  max_test=n), data_dir=data, seed=0)
+    # only test prompts are needed: the test file stands in for the training source too, since some
+    # tasks' folders (MeetingBank in the data pack) hold no train.json
+    loaded = load_task(TaskConfig(name=task, format="trace", path=f"trace/{task}", train_path=f"trace/{task}/test.json",
+                                  metric="accuracy", max_train=1, max_test=n), data_dir=data, seed=0)
     return [tokenizer.decode(tokenizer(ex["prompt"])["input_ids"][-max_prompt_tokens:], skip_special_tokens=True)
             for ex in loaded.test]
 
