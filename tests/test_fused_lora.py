@@ -182,3 +182,18 @@ def test_trains_like_peft_over_steps():
         finals.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
     for name, want in finals[0].items():
         torch.testing.assert_close(finals[1][name], want, rtol=1e-4, atol=1e-5)
+
+
+def test_under_gradient_checkpointing(monkeypatch):
+    """Checkpointed layers run the forward again in backward: the fused node there too, same grads."""
+    model = lora_model(make_tiny_llama())
+    model.train()
+    ids = torch.randint(3, 128, (2, 10))
+    want = loss_and_grads(model, ids)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    calls = spy_calls(monkeypatch)
+    with fused_lora_linears(model):
+        got = loss_and_grads(model, ids)
+    assert len(calls) == 2 * 14  # 14 adapted linears, each run in the forward and again in the recompute
+    assert_close(got, want, 1e-5)
