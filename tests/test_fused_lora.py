@@ -1,7 +1,8 @@
 """The fused LoRA linear (cairn.train.fused_lora) against PEFT's own forward, on hand-built models.
 
-Same products in the same precision, in another order: float32 values agree to 1e-5 (relative),
-bf16-autocast values within bf16 rounding (2e-2 relative to the gradient's scale).
+Same products in the same precision, in another order: float32 values agree to 1e-5 (relative);
+under bf16 autocast the fused values are no further from the float32 ones than PEFT's own bf16
+values are (within 1.5x of PEFT's distance).
 """
 
 from __future__ import annotations

@@ -77,20 +77,16 @@ class _FusedLoraLinear(torch.autograd.Function):
             dx = torch.mm(g, w)
             dx.addmm_(dz, a)  # base and adapter input gradients summed inside one matmul
             dx = dx.view(shape).to(x_dtype)
-        if n == 1:
-            grads_a = (torch.mm(dz.t(), x2).to(dtypes[0]) if needs[6] else None,)
-            grads_b = (torch.mm(g.t(), z).to(dtypes[1]) if needs[7] else None,)
-        else:
-            grads_a, grads_b, start = [], [], 0
-            for i, r in enumerate(ranks):
-                cols = slice(start, start + r)
-                start += r
-                grads_a.append(torch.mm(dz[:, cols].t(), x2).to(dtypes[i]) if needs[6 + i] else None)
-                grads_b.append(torch.mm(g.t(), z[:, cols]).to(dtypes[n + i]) if needs[6 + n + i] else None)
+        grads_a, grads_b, start = [], [], 0
+        for i, r in enumerate(ranks):  # each adapter's columns of z and dz
+            cols = slice(start, start + r)
+            start += r
+            grads_a.append(torch.mm(dz[:, cols].t(), x2).to(dtypes[i]) if needs[6 + i] else None)
+            grads_b.append(torch.mm(g.t(), z[:, cols]).to(dtypes[n + i]) if needs[6 + n + i] else None)
         return (dx, None, None, None, None, None, *grads_a, *grads_b)
 
 
-def _scale_columns(z: torch.Tensor, scales: tuple[float, ...], ranks: list[int]) -> None:
+def _scale_columns(z: torch.Tensor, scales: tuple[float, ...], ranks: tuple[int, ...]) -> None:
     """Multiply each adapter's r columns of ``z`` by its scaling, in place."""
     if len(set(scales)) == 1:
         z.mul_(scales[0])
